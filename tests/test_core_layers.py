@@ -1,0 +1,202 @@
+"""vk.patch against the float64 per-example oracle, one layer type at a time."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vaultkern as vk
+from oracle import GemmaStyleNorm, oracle, rel_err
+
+TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def run_patched(model, batch, loss_fn, C, reduction="sum", **kw):
+    vk.patch(model, max_grad_norm=C, loss_reduction=reduction, **kw)
+    losses = loss_fn(model, batch)
+    (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    norms = vk.last_norms(model)
+    vk.unpatch(model)
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, norms
+
+
+def check(model, batch, loss_fn, C=1.0, dtype=torch.float64, reduction="sum", **kw):
+    model = model.to(dtype)
+    batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
+    want, want_norms = oracle(model, batch, loss_fn, C)
+    got, norms = run_patched(model, batch, loss_fn, C, reduction, **kw)
+    tol = TOL[dtype]
+    for name, g in want.items():
+        assert got[name] is not None, f"{name}: no gradient"
+        assert rel_err(got[name], g) <= tol, f"{name}: rel err {rel_err(got[name], g):.2e}"
+    assert rel_err(norms, want_norms) <= tol
+    return want_norms
+
+
+def sq_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return (out - y).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 7), (4, 1, 7), (3, 6, 7), (2, 3, 4, 7), (1, 5, 7)])
+def test_linear_shapes(shape, bias):
+    torch.manual_seed(0)
+    m = nn.Linear(7, 5, bias=bias)
+    x = torch.randn(*shape)
+    y = torch.randn(*shape[:-1], 5)
+    check(m, (x, y), sq_loss, C=0.5)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "direct"])
+def test_linear_modes_agree(mode):
+    torch.manual_seed(1)
+    m = nn.Linear(9, 11)
+    x, y = torch.randn(4, 6, 9), torch.randn(4, 6, 11)
+    check(m, (x, y), sq_loss, C=0.3, rules={"": vk.LinearRule(mode=mode)})
+
+
+def test_linear_float32_and_clipping_inactive():
+    torch.manual_seed(2)
+    m = nn.Linear(8, 3)
+    x, y = torch.randn(6, 5, 8), torch.randn(6, 5, 3)
+    norms = check(m, (x, y), sq_loss, C=1e6, dtype=torch.float32)
+    assert (norms < 1e6).all()  # clipping inactive: the sum is the plain gradient
+
+
+def test_noncontiguous_input():
+    torch.manual_seed(3)
+    m = nn.Linear(6, 4)
+    x = torch.randn(7, 3, 6).transpose(0, 1)  # [3, 7, 6] non-contiguous
+    assert not x.is_contiguous()
+    check(m, (x, torch.randn(3, 7, 4)), sq_loss, C=0.7)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding(padding_idx):
+    torch.manual_seed(4)
+    m = nn.Embedding(10, 5, padding_idx=padding_idx)
+    ids = torch.randint(0, 10, (4, 9))
+    ids[0, :3] = 2
+    check(m, (ids, torch.randn(4, 9, 5)), sq_loss, C=0.8)
+
+
+def test_embedding_2d_input_and_repeats():
+    torch.manual_seed(5)
+    m = nn.Embedding(4, 3)
+    ids = torch.tensor([[1, 1, 1, 2], [0, 3, 3, 0], [2, 2, 2, 2]])
+    check(m, (ids, torch.randn(3, 4, 3)), sq_loss, C=2.0)
+    check(nn.Embedding(4, 3), (torch.tensor([1, 2, 1]), torch.randn(3, 3)), sq_loss, C=2.0)
+
+
+@pytest.mark.parametrize("norm", ["layer", "layer_nobias", "rms", "gemma"])
+def test_norm_layers(norm):
+    torch.manual_seed(6)
+    m = {"layer": lambda: nn.LayerNorm(6), "layer_nobias": lambda: nn.LayerNorm(6, bias=False),
+         "rms": lambda: nn.RMSNorm(6), "gemma": lambda: GemmaStyleNorm(6)}[norm]()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    check(m, (torch.randn(3, 5, 6), torch.randn(3, 5, 6)), sq_loss, C=0.9)
+
+
+def test_layernorm_multidim_normalized_shape():
+    torch.manual_seed(7)
+    m = nn.LayerNorm((3, 4))
+    check(m, (torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)), sq_loss, C=0.9)
+
+
+class Scaled(nn.Module):
+    """No rule exists: generic torch.func path. y = x * exp(s) + t."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(d) * 0.2)
+        self.t = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.s.exp() + self.t
+
+
+def test_generic_module():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 6), Scaled(6), nn.Tanh(), nn.Linear(6, 2))
+    check(model, (torch.randn(5, 3, 4), torch.randn(5, 3, 2)), sq_loss, C=0.4)
+    assert {s.rule.name for s in vk.patch(model) and vk.core.patched_sites(model)} >= {"generic", "linear"}
+    vk.unpatch(model)
+
+
+def test_multihead_attention_generic_subtree():
+    torch.manual_seed(9)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+    check(M(), (torch.randn(3, 4, 8), torch.randn(3, 4, 8)), sq_loss, C=0.5)
+
+
+def test_conv1d_gpt2():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(10)
+    m = Conv1D(5, 7)  # nf=5 outputs, nx=7 inputs
+    with torch.no_grad():
+        m.bias.normal_()
+    check(m, (torch.randn(3, 4, 7), torch.randn(3, 4, 5)), sq_loss, C=0.6)
+
+
+class Tied(nn.Module):
+    def __init__(self, V=11, d=6):
+        super().__init__()
+        self.embed = nn.Embedding(V, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def ce_loss(model, batch):
+    ids, tgt = batch
+    return F.cross_entropy(model(ids).transpose(1, 2), tgt, reduction="none").sum(1)
+
+
+def test_tied_embedding_and_head():
+    torch.manual_seed(11)
+    ids = torch.randint(0, 11, (4, 7))
+    ids[1, :4] = 3
+    check(Tied(), (ids, torch.randint(0, 11, (4, 7))), ce_loss, C=0.5)
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def test_layer_used_twice():
+    torch.manual_seed(12)
+    check(Twice(), (torch.randn(4, 3, 5), torch.randn(4, 3, 5)), sq_loss, C=0.5)
+    check(Twice(), (torch.randn(4, 5), torch.randn(4, 5)), sq_loss, C=0.5)
+
+
+def test_frozen_parameters_skipped():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    check(model, (torch.randn(3, 4), torch.randn(3, 2)), sq_loss, C=0.5)
+    assert model[0].weight.grad is None
+    model[1].requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    vk.patch(model)
+    assert vk.core.patched_sites(model) == []
+    vk.unpatch(model)

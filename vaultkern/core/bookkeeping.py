@@ -1,0 +1,148 @@
+"""Book-Keeping: turn one backward pass into the exactly clipped gradient sum.
+
+During ``loss.backward()`` every patched layer hands over gradient forms
+(:mod:`vaultkern.core.grad_forms`) instead of computing weight gradients. A
+callback queued on the autograd engine runs when the backward pass ends and
+
+1. groups the forms by parameter (a tied or reused parameter has several),
+2. takes per-example squared norms  ‖g_i‖² = Σ_params Σ_u Σ_v ⟨G_i^u, G_i^v⟩,
+3. clip_i = min(1, C / (‖g_i‖ + 1e-6)),
+4. adds Σ_i clip_i g_i to each ``p.grad`` (one matmul per linear use),
+
+then frees everything it kept (DESIGN.md §1-3).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vaultkern.core import grad_forms
+from vaultkern.core.grad_forms import GradForm
+from vaultkern.core.site import LayerSite
+
+CLIP_EPS = 1e-6
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised when a per-example gradient norm is NaN/inf; no gradient is written."""
+
+
+class BatchLayoutError(ValueError):
+    """Layers of one backward pass disagree on the batch size (dim 0)."""
+
+
+class _Use:
+    __slots__ = ("site", "form", "forward_id")
+
+    def __init__(self, site: LayerSite, form: GradForm, forward_id: int):
+        self.site, self.form, self.forward_id = site, form, forward_id
+
+
+class BookKeeper:
+    """Per patched model: collects gradient forms during backward, clips at its end."""
+
+    def __init__(self, max_grad_norm: float, loss_reduction: str, allow_multiple_forwards: bool = False):
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss_reduction = loss_reduction
+        self.allow_multiple_forwards = allow_multiple_forwards
+        self.forward_id = 0
+        self.last_norms: Optional[torch.Tensor] = None
+        self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
+        self._callback_queued = False
+
+    # -- during backward -------------------------------------------------------------------
+    def add(self, site: LayerSite, forms: Dict[nn.Parameter, GradForm], forward_id: int) -> None:
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._callback_queued = True
+        for param, form in forms.items():
+            entry = self._uses.setdefault(id(param), (param, []))
+            entry[1].append(_Use(site, form, forward_id))
+
+    def reset(self) -> None:
+        self._uses.clear()
+        self._callback_queued = False
+
+    # -- when backward ends -------------------------------------------------------------------
+    def _finish(self) -> None:
+        groups = list(self._uses.values())
+        self.reset()
+        try:
+            self._clip_and_write(groups)
+        finally:
+            groups.clear()
+
+    def _check_layout(self, groups) -> int:
+        batch_of: Dict[str, int] = {}
+        forward_ids = set()
+        for _, uses in groups:
+            for u in uses:
+                batch_of.setdefault(u.site.describe(), u.form.batch)
+                forward_ids.add(u.forward_id)
+        sizes = set(batch_of.values())
+        if len(sizes) > 1:
+            listing = ", ".join(f"{k}: {v}" for k, v in batch_of.items())
+            raise BatchLayoutError(
+                "vaultkern: layers of one backward pass disagree on the batch size (dim 0 of "
+                f"their inputs must index examples): {listing}. A common cause is an input shared "
+                "across the batch, e.g. position ids of shape [1, T]: expand it to [B, T].")
+        if len(forward_ids) > 1 and not self.allow_multiple_forwards:
+            raise BatchLayoutError(
+                "vaultkern: one backward pass covers several forward passes of the patched "
+                "model; rows of different forwards may be different examples, so per-example "
+                "clipping would be wrong. Call backward after each forward (gradients "
+                "accumulate), or patch with allow_multiple_forwards=True if row i of every "
+                "forward is the same example.")
+        return sizes.pop()
+
+    def _clip_and_write(self, groups) -> None:
+        if not groups:
+            return
+        batch = self._check_layout(groups)
+        any64 = any(_form_dtype(u.form) == torch.float64 for _, uses in groups for u in uses)
+        acc = torch.float64 if any64 else torch.float32
+        device = groups[0][1][0].form.right.device if isinstance(
+            groups[0][1][0].form, grad_forms.Factored) else groups[0][1][0].form.per_example.device
+        norm_sq = torch.zeros(batch, dtype=acc, device=device)
+        per_param: List[Tuple[nn.Parameter, List[_Use], torch.Tensor]] = []
+        for param, uses in groups:
+            contrib = torch.zeros(batch, dtype=acc, device=device)
+            for i, u in enumerate(uses):
+                contrib += grad_forms.self_norm_sq(u.form).to(acc)
+                for v in uses[i + 1:]:
+                    contrib += 2 * grad_forms.cross(u.form, v.form).to(acc)
+            norm_sq += contrib
+            per_param.append((param, uses, contrib))
+
+        # "mean": the loss was averaged over the batch, per-example grads are B·(what we saw).
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        norms = norm_sq.clamp(min=0).sqrt() * scale
+        if not torch.isfinite(norms).all():
+            bad_rows = (~torch.isfinite(norms)).nonzero().flatten().tolist()[:10]
+            bad_params = sorted({u.site.describe() for p, uses, c in per_param
+                                 if not torch.isfinite(c).all() for u in uses})
+            raise NonFiniteGradientError(
+                f"vaultkern: non-finite per-example gradient norm for examples {bad_rows} "
+                f"(layers: {', '.join(bad_params[:5])}); is the loss NaN/inf? No gradient was "
+                "written for this backward pass.")
+        self.last_norms = norms.detach()
+        clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        for param, uses, _ in per_param:
+            total = None
+            for u in uses:
+                g = grad_forms.clipped_sum(u.form, clip, param.shape)
+                total = g if total is None else total + g
+            total = total.to(param.dtype)
+            if param.grad is None:
+                param.grad = total
+            else:
+                param.grad.add_(total)
+
+
+def _form_dtype(form: GradForm) -> torch.dtype:
+    if isinstance(form, grad_forms.Factored):
+        return form.right.dtype
+    return form.per_example.dtype

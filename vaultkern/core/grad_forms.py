@@ -1,0 +1,108 @@
+"""Two ways a layer use describes its per-example weight gradients.
+
+Every time a patched layer takes part in a backward pass it hands the
+book-keeper one *form* per trainable parameter it used:
+
+``Factored``   G_i = Σ_t left_it ⊗ right_it  (rows × cols), never formed.
+               nn.Linear: left = output grads g [B,T,p], right = inputs a [B,T,d].
+               GPT-2 Conv1D: left = inputs, right = output grads.
+               nn.Embedding: left = token ids [B,T] (one-hot rows, -1 = none),
+               right = output grads [B,T,d].
+``Materialized`` the per-example gradients themselves, [B, *param.shape]; used
+               for small parameters (biases, norm weights) and the generic path.
+
+The functions below give, per example, the squared norm of one form, the inner
+product of two forms of the same parameter (the cross term of a tied or reused
+parameter, DESIGN.md §2) and the clipped sum Σ_i clip_i G_i — all through the
+dispatched ops, so Triton / C++ kernels are used where they exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from vaultkern import ops
+from vaultkern.backend import acc_dtype
+
+
+@dataclass
+class Factored:
+    left: torch.Tensor           # [B,T,rows] dense, or [B,T] int64 ids when one_hot
+    right: torch.Tensor          # [B,T,cols]
+    one_hot: bool = False        # left holds row indices of a table with `rows` rows
+    rows: Optional[int] = None   # number of rows (the table size) when one_hot
+    mode: Optional[str] = None   # "ghost" / "direct" override for the self norm
+
+    @property
+    def batch(self) -> int:
+        return self.right.shape[0]
+
+
+@dataclass
+class Materialized:
+    per_example: torch.Tensor    # [B, *param.shape]
+
+    @property
+    def batch(self) -> int:
+        return self.per_example.shape[0]
+
+
+GradForm = Union[Factored, Materialized]
+
+
+def self_norm_sq(form: GradForm) -> torch.Tensor:
+    """‖G_i‖² per example, [B]."""
+    if isinstance(form, Materialized):
+        m = form.per_example
+        return m.to(acc_dtype(m)).flatten(1).square().sum(1)
+    if form.one_hot:
+        return ops.embedding_norm_sq(form.left, form.right)
+    B, T, cols = form.right.shape
+    rows = form.left.shape[-1]
+    mode = form.mode or ops.choose_linear_mode(T, cols, rows)
+    return ops.linear_norm_sq(form.right, form.left, mode)
+
+
+def _factored_dot_materialized(f: Factored, m: torch.Tensor) -> torch.Tensor:
+    """⟨Σ_t L_t ⊗ R_t, M_i⟩ = Σ_t L_tᵀ M_i R_t."""
+    acc = acc_dtype(f.right)
+    m = m.to(acc)
+    right = f.right.to(acc)
+    if f.one_hot:
+        ids = f.left
+        rows = torch.gather(m, 1, ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+        return ((rows * right).sum(-1) * (ids >= 0)).sum(1)
+    return torch.einsum("btr,brc,btc->b", f.left.to(acc), m, right)
+
+
+def cross(u: GradForm, v: GradForm) -> torch.Tensor:
+    """⟨G_i^u, G_i^v⟩ per example for two uses of the same parameter, [B]."""
+    if isinstance(u, Materialized) and isinstance(v, Materialized):
+        a, b = u.per_example, v.per_example
+        acc = acc_dtype(a)
+        return (a.to(acc) * b.to(acc)).flatten(1).sum(1)
+    if isinstance(u, Materialized):
+        u, v = v, u
+    if isinstance(v, Materialized):
+        return _factored_dot_materialized(u, v.per_example)
+    if u.one_hot and v.one_hot:
+        return ops.embedding_cross(u.left, u.right, v.left, v.right)
+    if v.one_hot:
+        u, v = v, u
+    if u.one_hot:
+        # ⟨onehot(x)ᵀ e, zᵀ h⟩ = Σ_{t,s} z_s[x_t] (e_t·h_s)
+        return ops.embedding_linear_cross(u.left, u.right, v.right, v.left)
+    return ops.linear_cross(u.right, u.left, v.right, v.left)
+
+
+def clipped_sum(form: GradForm, clip: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Σ_i clip_i G_i, shaped like the parameter."""
+    if isinstance(form, Materialized):
+        m = form.per_example
+        acc = acc_dtype(m)
+        return torch.tensordot(clip.to(acc), m.to(acc), dims=1).reshape(shape)
+    if form.one_hot:
+        return ops.clipped_embedding_grad(form.left, form.right, clip, form.rows).reshape(shape)
+    return ops.clipped_linear_grad(form.left, form.right, clip).reshape(shape)
