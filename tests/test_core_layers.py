@@ -25,9 +25,13 @@ def check(model, batch, loss_fn, C=1.0, dtype=torch.float64, reduction="sum", **
     want, want_norms = oracle(model, batch, loss_fn, C)
     got, norms = run_patched(model, batch, loss_fn, C, reduction, **kw)
     tol = TOL[dtype]
+    # Parameters whose true gradient is ~0 (e.g. key biases, by softmax shift invariance) are
+    # compared against the scale of the whole clipped gradient instead of their own norm.
+    total = sum(float(g.double().square().sum()) for g in want.values()) ** 0.5
     for name, g in want.items():
         assert got[name] is not None, f"{name}: no gradient"
-        assert rel_err(got[name], g) <= tol, f"{name}: rel err {rel_err(got[name], g):.2e}"
+        err = float((got[name].double() - g).norm()) / max(float(g.norm()), 1e-6 * total)
+        assert err <= tol, f"{name}: rel err {err:.2e}"
     assert rel_err(norms, want_norms) <= tol
     return want_norms
 

@@ -56,7 +56,7 @@ def self_norm_sq(form: GradForm) -> torch.Tensor:
     """‖G_i‖² per example, [B]."""
     if isinstance(form, Materialized):
         m = form.per_example
-        return m.to(acc_dtype(m)).flatten(1).square().sum(1)
+        return m.to(acc_dtype(m)).reshape(m.shape[0], -1).square().sum(1)
     if form.one_hot:
         return ops.embedding_norm_sq(form.left, form.right)
     B, T, cols = form.right.shape
@@ -82,7 +82,7 @@ def cross(u: GradForm, v: GradForm) -> torch.Tensor:
     if isinstance(u, Materialized) and isinstance(v, Materialized):
         a, b = u.per_example, v.per_example
         acc = acc_dtype(a)
-        return (a.to(acc) * b.to(acc)).flatten(1).sum(1)
+        return (a.to(acc) * b.to(acc)).reshape(a.shape[0], -1).sum(1)
     if isinstance(u, Materialized):
         u, v = v, u
     if isinstance(v, Materialized):

@@ -1,0 +1,243 @@
+"""vk.patch on small decoders and across backward calls, plus its error paths."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vaultkern as vk
+from oracle import TinyDecoder, lm_loss, oracle, rel_err
+from test_core_layers import check, sq_loss
+
+DECODERS = {
+    "gpt-learned-mha-gelu-layer-tied": dict(),
+    "gpt-untied-nobias": dict(tied=False, bias=False),
+    "gemma-rope-mqa-geglu-rms": dict(rope=True, kv_heads=1, mlp="geglu", norm="rms", bias=False),
+    "gemma-rope-gqa-geglu-gemmanorm": dict(rope=True, kv_heads=2, mlp="geglu", norm="gemma", bias=False),
+}
+
+
+def ids_batch(B=3, T=8, V=29, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, V, (B, T + 1), generator=g),)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("C", [0.05, 1e4])  # clipping active / inactive
+def test_decoder_float64(name, C):
+    torch.manual_seed(0)
+    check(TinyDecoder(**DECODERS[name]), ids_batch(), lm_loss, C=C)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_decoder_float32_reductions(reduction):
+    torch.manual_seed(1)
+    check(TinyDecoder(rope=True, kv_heads=1, mlp="geglu", norm="rms"), ids_batch(B=4), lm_loss,
+          C=0.1, dtype=torch.float32, reduction=reduction)
+
+
+def test_batch_of_one_and_single_position():
+    torch.manual_seed(2)
+    check(TinyDecoder(), ids_batch(B=1), lm_loss, C=0.1)
+    check(TinyDecoder(), ids_batch(B=3, T=1), lm_loss, C=0.1)
+
+
+def test_odd_widths():
+    torch.manual_seed(3)
+    check(TinyDecoder(vocab=31, d=12, heads=3, kv_heads=1, T=7), ids_batch(B=3, T=7, V=31), lm_loss, C=0.2)
+
+
+def test_accumulation_over_three_microbatches():
+    torch.manual_seed(4)
+    model = TinyDecoder().double()
+    batch = ids_batch(B=6)[0]
+    want, want_norms = oracle(model, (batch,), lm_loss, 0.1)
+    vk.patch(model, max_grad_norm=0.1)
+    norms = []
+    for chunk in batch.split([1, 2, 3]):
+        lm_loss(model, (chunk,)).sum().backward()
+        norms.append(vk.last_norms(model))
+    vk.unpatch(model)
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n
+    assert rel_err(torch.cat(norms), want_norms) <= 1e-6
+
+
+def test_padding_rows_contribute_nothing():
+    torch.manual_seed(5)
+    model = TinyDecoder().double()
+    batch = ids_batch(B=5)[0]
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    real = batch[weights.bool()]
+    want, _ = oracle(model, (real,), lm_loss, 0.1)
+    vk.patch(model, max_grad_norm=0.1)
+    (lm_loss(model, (batch,)) * weights).sum().backward()
+    norms = vk.last_norms(model)
+    vk.unpatch(model)
+    assert norms[1] == 0 and norms[3] == 0
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+def test_unpatch_restores_forward_and_ordinary_gradients():
+    torch.manual_seed(6)
+    model = TinyDecoder(rope=True, mlp="geglu", norm="gemma")
+    batch = ids_batch()
+    ref = lm_loss(model, batch)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    vk.patch(model, max_grad_norm=1.0)
+    patched_out = lm_loss(model, batch)
+    assert torch.equal(patched_out, ref)
+    patched_out.sum().backward()
+    vk.unpatch(model)
+    model.zero_grad(set_to_none=True)
+    out = lm_loss(model, batch)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, ref_grads[n]), n
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_last_norms_matches_oracle_and_requires_patch():
+    torch.manual_seed(7)
+    model = TinyDecoder().double()
+    batch = ids_batch(B=4)
+    _, want = oracle(model, batch, lm_loss, 1.0)
+    with pytest.raises(RuntimeError, match="not patched"):
+        vk.last_norms(model)
+    vk.patch(model)
+    lm_loss(model, batch).sum().backward()
+    assert rel_err(vk.last_norms(model), want) <= 1e-6
+    with pytest.raises(RuntimeError, match="already patched"):
+        vk.patch(model)
+    vk.unpatch(model)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def test_unsupported_module_names_path():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(vk.UnsupportedModuleError, match=r"'1' \(BatchNorm1d\)"):
+        vk.patch(model)
+    emb = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0))
+    with pytest.raises(vk.UnsupportedModuleError, match="'0'.*max_norm"):
+        vk.patch(emb)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        vk.patch(nn.Linear(2, 2), max_grad_norm=0)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        vk.patch(nn.Linear(2, 2), loss_reduction="avg")
+
+
+class Flattening(nn.Module):
+    """Flattens [B, T, d] to [B*T, d] before the second layer: dim 0 is no longer the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h.reshape(-1, 4)).reshape(x.shape[0], -1, 2)
+
+
+def test_batch_dim_mismatch_is_detected():
+    model = vk.patch(Flattening())
+    x = torch.randn(3, 5, 4)
+    with pytest.raises(vk.BatchLayoutError, match="'b' \\(Linear\\): 15, 'a' \\(Linear\\): 3"):
+        model(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    # the model stays usable after the error
+    model.a(x).sum().backward()
+    vk.unpatch(model)
+
+
+def test_shared_position_ids_are_refused():
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(7, 3), nn.Embedding(5, 3)
+
+        def forward(self, ids):
+            return self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+    model = vk.patch(Pos())
+    with pytest.raises(vk.BatchLayoutError, match=r"\[B, T\]"):
+        model(torch.randint(0, 7, (4, 5))).sum().backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_writes_nothing(bad):
+    torch.manual_seed(8)
+    model = vk.patch(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)))
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    x[2, 0] = bad
+    with pytest.raises(vk.NonFiniteGradientError, match=r"examples \[2\]"):
+        model(x).sum().backward()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.grad, b)
+    vk.unpatch(model)
+
+
+def test_empty_batch_is_a_clear_error():
+    model = vk.patch(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="empty batch.*optimizer.step"):
+        model(torch.randn(0, 3))
+    vk.unpatch(model)
+
+
+def test_two_forwards_one_backward_refused_unless_allowed():
+    torch.manual_seed(9)
+    model = vk.patch(nn.Linear(3, 2))
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(vk.BatchLayoutError, match="several forward passes"):
+        (model(x1).sum() + model(x2).sum()).backward()
+    vk.unpatch(model)
+    # allowed: row i of both forwards is example i -> exact clipping of the joint gradient
+    m = nn.Linear(3, 2).double()
+    pair = (x1.double(), x2.double())
+
+    def joint(model, batch):
+        a, b = batch
+        return model(a).sum(1) + model(b).pow(2).sum(1)
+    want, _ = oracle(m, pair, joint, 0.5)
+    vk.patch(m, max_grad_norm=0.5, allow_multiple_forwards=True)
+    joint(m, pair).sum().backward()
+    vk.unpatch(m)
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6
+
+
+def test_parameter_used_outside_its_module_is_caught():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x) + F.linear(x, self.lin.weight)  # second use bypasses the rule
+    model = vk.patch(Leaky())
+    with pytest.raises(vk.UnclippedGradientError, match="'lin.weight'"):
+        model(torch.randn(2, 3)).sum().backward()
+    vk.unpatch(model)
+
+
+def test_parent_with_own_parameter_warns_and_stays_exact():
+    class WithScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+    torch.manual_seed(10)
+    with pytest.warns(RuntimeWarning, match="generic torch.func path"):
+        check(WithScale(), (torch.randn(4, 3), torch.randn(4, 3)), sq_loss, C=0.3)
