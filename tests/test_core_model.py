@@ -241,3 +241,23 @@ def test_parent_with_own_parameter_warns_and_stays_exact():
     torch.manual_seed(10)
     with pytest.warns(RuntimeWarning, match="generic torch.func path"):
         check(WithScale(), (torch.randn(4, 3), torch.randn(4, 3)), sq_loss, C=0.3)
+
+
+def test_bf16_autocast_close_to_oracle():
+    """Under autocast the patched layers see bf16 activations; norms accumulate in fp32."""
+    torch.manual_seed(11)
+    model = TinyDecoder(rope=True, kv_heads=1, mlp="geglu", norm="rms", bias=False)
+    batch = ids_batch(B=4)
+    want, want_norms = oracle(model, batch, lm_loss, 0.5)
+    vk.patch(model, max_grad_norm=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = lm_loss(model, batch)
+    losses.float().sum().backward()
+    norms = vk.last_norms(model)
+    vk.unpatch(model)
+    assert norms.dtype == torch.float32
+    assert rel_err(norms, want_norms) <= 2e-2
+    flat_got = torch.cat([p.grad.flatten() for n, p in model.named_parameters()])
+    flat_want = torch.cat([want[n].flatten() for n, _ in model.named_parameters()])
+    assert rel_err(flat_got, flat_want) <= 2e-2
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
