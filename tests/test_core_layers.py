@@ -204,3 +204,27 @@ def test_frozen_parameters_skipped():
     vk.patch(model)
     assert vk.core.patched_sites(model) == []
     vk.unpatch(model)
+
+
+class SharedInput(nn.Module):
+    """q/k/v-style: three layers read one input, their norms fuse into one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 2, bias=False), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x) * 2, torch.tanh(self.v(x))], -1)
+
+
+def test_layers_sharing_an_input_fuse_and_stay_exact():
+    from vaultkern.core import grad_forms
+    torch.manual_seed(14)
+    x = torch.randn(4, 5, 6)
+    check(SharedInput(), (x, torch.randn(4, 5, 11)), sq_loss, C=0.4)
+    a = x.double()
+    forms = [grad_forms.Factored(torch.randn(4, 5, p, dtype=torch.float64), a) for p in (6, 2, 3)]
+    total, calls = grad_forms.summed_self_norms_sq(forms)
+    assert len(calls) == 1 and len(calls[0]) == 3
+    separate = sum(grad_forms.self_norm_sq(f) for f in forms)
+    assert rel_err(total, separate) <= 1e-12

@@ -71,7 +71,8 @@ class BookKeeper:
         groups = list(self._uses.values())
         self.reset()
         try:
-            self._clip_and_write(groups)
+            with torch.no_grad():
+                self._clip_and_write(groups)
         finally:
             groups.clear()
 
@@ -104,33 +105,29 @@ class BookKeeper:
         batch = self._check_layout(groups)
         any64 = any(_form_dtype(u.form) == torch.float64 for _, uses in groups for u in uses)
         acc = torch.float64 if any64 else torch.float32
-        device = groups[0][1][0].form.right.device if isinstance(
-            groups[0][1][0].form, grad_forms.Factored) else groups[0][1][0].form.per_example.device
-        norm_sq = torch.zeros(batch, dtype=acc, device=device)
-        per_param: List[Tuple[nn.Parameter, List[_Use], torch.Tensor]] = []
+        # Self terms of every use (fused across layers that share an input), then the
+        # cross terms of parameters used more than once.
+        all_forms = [u.form for _, uses in groups for u in uses]
+        norm_sq, _ = grad_forms.summed_self_norms_sq(all_forms)
+        norm_sq = norm_sq.to(acc)
         for param, uses in groups:
-            contrib = torch.zeros(batch, dtype=acc, device=device)
             for i, u in enumerate(uses):
-                contrib += grad_forms.self_norm_sq(u.form).to(acc)
                 for v in uses[i + 1:]:
-                    contrib += 2 * grad_forms.cross(u.form, v.form).to(acc)
-            norm_sq += contrib
-            per_param.append((param, uses, contrib))
+                    norm_sq += 2 * grad_forms.cross(u.form, v.form).to(acc)
 
         # "mean": the loss was averaged over the batch, per-example grads are B·(what we saw).
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         norms = norm_sq.clamp(min=0).sqrt() * scale
         if not torch.isfinite(norms).all():
             bad_rows = (~torch.isfinite(norms)).nonzero().flatten().tolist()[:10]
-            bad_params = sorted({u.site.describe() for p, uses, c in per_param
-                                 if not torch.isfinite(c).all() for u in uses})
+            bad_params = self._nonfinite_layers(groups)
             raise NonFiniteGradientError(
                 f"vaultkern: non-finite per-example gradient norm for examples {bad_rows} "
                 f"(layers: {', '.join(bad_params[:5])}); is the loss NaN/inf? No gradient was "
                 "written for this backward pass.")
         self.last_norms = norms.detach()
         clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
-        for param, uses, _ in per_param:
+        for param, uses in groups:
             total = None
             for u in uses:
                 g = grad_forms.clipped_sum(u.form, clip, param.shape)
@@ -140,6 +137,19 @@ class BookKeeper:
                 param.grad = total
             else:
                 param.grad.add_(total)
+
+    @staticmethod
+    def _nonfinite_layers(groups) -> List[str]:
+        """Layers whose kept tensors hold NaN/inf (for the error message)."""
+        bad = set()
+        for _, uses in groups:
+            for u in uses:
+                f = u.form
+                tensors = [f.per_example] if isinstance(f, grad_forms.Materialized) else (
+                    [f.right] if f.one_hot else [f.left, f.right])
+                if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                    bad.add(u.site.describe())
+        return sorted(bad)
 
 
 def _form_dtype(form: GradForm) -> torch.dtype:

@@ -19,7 +19,7 @@ dispatched ops, so Triton / C++ kernels are used where they exist.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -34,6 +34,10 @@ class Factored:
     one_hot: bool = False        # left holds row indices of a table with `rows` rows
     rows: Optional[int] = None   # number of rows (the table size) when one_hot
     mode: Optional[str] = None   # "ghost" / "direct" override for the self norm
+    input_side: str = "right"    # which factor is the layer input (Conv1D: "left")
+
+    def __post_init__(self):  # kept activations are data, never part of a graph
+        self.left, self.right = self.left.detach(), self.right.detach()
 
     @property
     def batch(self) -> int:
@@ -43,6 +47,9 @@ class Factored:
 @dataclass
 class Materialized:
     per_example: torch.Tensor    # [B, *param.shape]
+
+    def __post_init__(self):
+        self.per_example = self.per_example.detach()
 
     @property
     def batch(self) -> int:
@@ -63,6 +70,47 @@ def self_norm_sq(form: GradForm) -> torch.Tensor:
     rows = form.left.shape[-1]
     mode = form.mode or ops.choose_linear_mode(T, cols, rows)
     return ops.linear_norm_sq(form.right, form.left, mode)
+
+
+def _input_key(form: Factored):
+    a = form.right if form.input_side == "right" else form.left
+    return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+
+
+def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List[GradForm]]]:
+    """Σ over ``forms`` of ‖G_i‖², fusing dense linear forms that read the same input.
+
+    Layers that read one input a (q/k/v projections, GeGLU gate/up) share the
+    activation Gram: Σ_l Σ_{t,s}(a_t·a_s)(g^l_t·g^l_s) = Σ_{t,s}(a_t·a_s)(ĝ_t·ĝ_s)
+    with ĝ = [g^1, g^2, ...] concatenated over output features, and likewise
+    Σ_l ‖g^lᵀa‖² = ‖ĝᵀa‖². So one norm call on (a, ĝ) replaces one per layer,
+    with the ghost/direct choice made for the combined width.
+    Returns the [B] sum and the groups of forms that went into each call.
+    """
+    groups: Dict[tuple, List[Factored]] = {}
+    singles: List[GradForm] = []
+    for f in forms:
+        if isinstance(f, Factored) and not f.one_hot and f.mode is None:
+            groups.setdefault(_input_key(f), []).append(f)
+        else:
+            singles.append(f)
+    total = None
+    done: List[List[GradForm]] = []
+    for group in groups.values():
+        if len(group) == 1:
+            singles.append(group[0])
+            continue
+        a = group[0].right if group[0].input_side == "right" else group[0].left
+        g = torch.cat([f.left if f.input_side == "right" else f.right for f in group], dim=-1)
+        B, T, d = a.shape
+        part = ops.linear_norm_sq(a, g, ops.choose_linear_mode(T, d, g.shape[-1]))
+        total = part if total is None else total + part.to(total.dtype)
+        done.append(list(group))
+    for f in singles:
+        part = self_norm_sq(f)
+        total = part if total is None else total + part.to(total.dtype)
+        done.append([f])
+    return total, done
 
 
 def _factored_dot_materialized(f: Factored, m: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ class _LinearFn(torch.autograd.Function):
         forms = {}
         if site.trainable(module.weight):
             left, right = (a, g) if ctx.transposed else (g, a)
-            forms[module.weight] = Factored(left, right, mode=ctx.mode)
+            forms[module.weight] = Factored(left, right, mode=ctx.mode,
+                                            input_side="left" if ctx.transposed else "right")
         if ctx.has_bias and site.trainable(module.bias):
             forms[module.bias] = Materialized(g.sum(1))
         site.record(forms, ctx.forward_id)
