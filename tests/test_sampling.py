@@ -1,0 +1,180 @@
+"""Poisson / truncated Poisson batches, loaders, micro-batches."""
+import collections
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vaultkern.privacy.sampling import (
+    BatchMemoryManager, MicroBatchLoader, PoissonBatchSampler, is_empty_batch,
+    make_poisson_loader, pad_to_max_batch, poisson_sampler_of, split_microbatches,
+    truncated_poisson_batch)
+
+
+def seeded(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_batch_sizes_are_binomial_and_every_example_is_eligible():
+    n, q, steps = 200, 0.05, 2000
+    batches = list(PoissonBatchSampler(n, q, steps, generator=seeded(0)))
+    assert len(batches) == steps
+    sizes = np.array([len(b) for b in batches])
+    # chi-square of the batch-size histogram against Binomial(n, q), tail bins merged
+    edges = [0, 5, 7, 8, 9, 10, 11, 12, 13, 15, n + 1]
+    observed = np.histogram(sizes, bins=edges)[0]
+    cdf = stats.binom.cdf(np.array(edges) - 1, n, q)
+    expected = np.diff(cdf) * steps
+    assert expected.min() > 5
+    p_value = stats.chisquare(observed, expected).pvalue
+    assert p_value > 1e-3, (observed, expected)
+    # each example is in each batch with probability q: its count is Binomial(steps, q)
+    counts = np.bincount(np.concatenate([np.array(b, dtype=int) for b in batches]), minlength=n)
+    assert counts.min() > 0
+    chi2 = ((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum()
+    assert stats.chi2.sf(chi2, n) > 1e-3
+    # no duplicates within a batch, indices sorted and in range
+    for b in batches[:50]:
+        assert b == sorted(set(b)) and all(0 <= i < n for i in b)
+
+
+def test_empty_batches_are_yielded_as_empty_lists():
+    batches = list(PoissonBatchSampler(5, 0.01, 50, generator=seeded(1)))
+    assert len(batches) == 50 and sum(b == [] for b in batches) > 30
+
+
+def test_resume_from_state_dict_continues_the_same_order():
+    reference = list(PoissonBatchSampler(30, 0.2, 12, generator=seeded(7)))
+    sampler = PoissonBatchSampler(30, 0.2, 12, generator=seeded(7))
+    it = iter(sampler)
+    first = [next(it) for _ in range(5)]
+    state = sampler.state_dict()
+    resumed = PoissonBatchSampler(30, 0.2, 12, generator=seeded(999))
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert first + rest == reference
+    # the next pass continues the random stream, it does not repeat the first
+    assert list(resumed) != reference
+    with pytest.raises(ValueError, match="sample_rate"):
+        PoissonBatchSampler(30, 0.3, 12).load_state_dict(state)
+
+
+def test_secure_sampler_and_argument_errors():
+    sampler = PoissonBatchSampler(1000, 0.1, 20, secure=True)
+    sizes = [len(b) for b in sampler]
+    assert 60 < np.mean(sizes) < 140
+    with pytest.raises(ValueError, match="generator"):
+        PoissonBatchSampler(10, 0.1, 2, generator=seeded(0), secure=True)
+    with pytest.raises(ValueError, match="sample_rate=0"):
+        PoissonBatchSampler(10, 0.0, 2)
+    with pytest.raises(ValueError, match="num_samples=0"):
+        PoissonBatchSampler(0, 0.5, 2)
+
+
+def test_truncation_keeps_a_random_subset_of_the_sampled_batch():
+    sampler = PoissonBatchSampler(100, 0.5, 300, generator=seeded(3), max_batch_size=10)
+    batches = list(sampler)
+    assert all(len(b) <= 10 for b in batches) and all(len(set(b)) == len(b) for b in batches)
+    # were truncation "keep the first 10", indices above ~25 would (almost) never appear
+    counts = collections.Counter(i for b in batches for i in b)
+    assert min(counts[i] for i in range(100)) > 5
+
+
+def test_pad_to_max_batch_and_truncated_helper():
+    idx, w = pad_to_max_batch([4, 9], 5, pad_index=0)
+    assert idx.tolist() == [4, 9, 0, 0, 0] and w.tolist() == [1, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="exceeds max_batch_size=1"):
+        pad_to_max_batch([1, 2], 1)
+    idx, w = truncated_poisson_batch(50, 0.5, 8, generator=seeded(0))
+    assert idx.shape == (8,) and w.shape == (8,) and w.sum() <= 8
+
+
+def test_split_microbatches():
+    assert split_microbatches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
+    assert split_microbatches([], 3) == [[]]
+    with pytest.raises(ValueError, match="max_physical_batch_size=0"):
+        split_microbatches([1], 0)
+
+
+class DictDataset(Dataset):
+    def __init__(self, n):
+        self.x = torch.arange(n * 3, dtype=torch.float64).view(n, 3)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "id": torch.tensor(i)}
+
+
+def test_poisson_loader_rate_length_and_empty_batches():
+    data = TensorDataset(torch.randn(40, 3), torch.arange(40))
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    poisson = make_poisson_loader(loader, generator=seeded(0))
+    sampler = poisson_sampler_of(poisson)
+    assert sampler.sample_rate == pytest.approx(0.1) and len(poisson) == len(loader) == 10
+    for x, y in poisson:
+        assert x.shape[1:] == (3,) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert torch.equal(data.tensors[0][y], x)
+        assert is_empty_batch((x, y)) == (len(y) == 0)
+    # force empty batches: a tiny rate
+    tiny = make_poisson_loader(DataLoader(DictDataset(50), batch_size=1), generator=seeded(0))
+    tiny.batch_sampler.sample_rate = 1e-12
+    batches = list(tiny)
+    assert batches and all(is_empty_batch(b) for b in batches)
+    assert batches[0]["x"].shape == (0, 3) and batches[0]["x"].dtype == torch.float64
+    assert batches[0]["id"].shape == (0,)
+
+
+def test_truncated_poisson_loader_yields_fixed_shapes_and_weights():
+    data = TensorDataset(torch.arange(60, dtype=torch.float32).view(30, 2))
+    loader = make_poisson_loader(DataLoader(data, batch_size=5), generator=seeded(2),
+                                 truncated_poisson=True, max_batch_size=7)
+    seen_padding = False
+    for (x,), weights in loader:
+        assert x.shape == (7, 2) and weights.shape == (7,)
+        real = int(weights.sum())
+        assert weights[:real].eq(1).all() and weights[real:].eq(0).all()
+        seen_padding |= real < 7
+    assert seen_padding
+    assert poisson_sampler_of(loader).max_batch_size == 7
+    with pytest.raises(ValueError, match="max_batch_size"):
+        make_poisson_loader(DataLoader(data, batch_size=5), truncated_poisson=True)
+    with pytest.raises(ValueError, match="max_batch_size=3"):
+        make_poisson_loader(DataLoader(data, batch_size=5), truncated_poisson=True,
+                            max_batch_size=3)
+
+
+class RecordingOptimizer:
+    def __init__(self):
+        self.signals = []
+
+    def signal_skip_step(self, do_skip=True):
+        self.signals.append(do_skip)
+
+
+def test_micro_batches_reassemble_logical_batches_and_signal_boundaries():
+    data = TensorDataset(torch.arange(40))
+    base = DataLoader(data, batch_size=10)
+    logical = list(make_poisson_loader(base, generator=seeded(5)))
+    optimizer = RecordingOptimizer()
+    with BatchMemoryManager(data_loader=make_poisson_loader(base, generator=seeded(5)),
+                            max_physical_batch_size=3, optimizer=optimizer) as micro:
+        assert isinstance(micro, MicroBatchLoader) and len(micro) == len(base)
+        chunks = [ids for (ids,) in micro]
+    assert all(len(c) <= 3 for c in chunks)
+    # a logical batch ends exactly where a signal says "do not skip"
+    rebuilt, current = [], []
+    for chunk, skip in zip(chunks, optimizer.signals):
+        current.append(chunk)
+        if not skip:
+            rebuilt.append(torch.cat(current))
+            current = []
+    assert current == [] and len(rebuilt) == len(logical)
+    for a, (b,) in zip(rebuilt, logical):
+        assert torch.equal(a, b)
+    assert optimizer.signals[-1] is False  # __exit__ leaves the optimizer stepping normally

@@ -1,0 +1,20 @@
+"""Privacy side of DP-SGD: Opacus-compatible engine, Poisson sampling, accounting.
+
+* :class:`PrivacyEngine` - ``make_private`` / ``make_private_with_epsilon`` /
+  ``get_epsilon`` with Opacus 1.6's names and meaning.
+* :class:`DPOptimizer` - noise σ·C once per logical step, scale 1/B̄, update.
+* :class:`Accountant`, :func:`calibrate_noise_multiplier` - dp-accounting's PLD
+  (default) or RDP accountant over the history of steps.
+* :class:`PoissonBatchSampler`, :func:`make_poisson_loader`,
+  :class:`BatchMemoryManager` - Poisson / truncated Poisson batches and
+  micro-batches.
+"""
+from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier  # noqa: F401
+from vaultkern.privacy.engine import PrivacyEngine  # noqa: F401
+from vaultkern.privacy.optimizer import DPOptimizer  # noqa: F401
+from vaultkern.privacy.sampling import (  # noqa: F401
+    BatchMemoryManager, PoissonBatchSampler, make_poisson_loader, split_microbatches)
+
+__all__ = ["PrivacyEngine", "DPOptimizer", "Accountant", "PoissonBatchSampler",
+           "calibrate_noise_multiplier", "BatchMemoryManager", "make_poisson_loader",
+           "split_microbatches"]

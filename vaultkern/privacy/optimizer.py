@@ -1,0 +1,264 @@
+"""DPOptimizer: noise once per logical step, then the wrapped optimizer's update.
+
+After ``loss.backward()`` on a model patched by ``vaultkern.patch`` every
+trainable ``p.grad`` already holds the clipped sum Σ_i clip_i·g_i (accumulated
+over all backward calls since the last ``zero_grad``). ``DPOptimizer.step()``
+then does, for every trainable parameter p of the wrapped optimizer
+(DESIGN.md §1, §4):
+
+    p.grad <- (p.grad + σ·C·ξ_p) · s,    ξ_p ~ N(0, I)
+    s = 1/B̄  for loss_reduction="mean",  s = 1  for loss_reduction="sum"
+
+and calls the wrapped optimizer's ``step``. B̄ is the *expected* batch size
+(q·N), never the realised one. This is the scaling of Opacus 1.6's
+DPOptimizer (it divides by ``expected_batch_size`` for "mean" and leaves the
+noisy sum as is for "sum"), so results agree with Opacus for the same inputs.
+(Opacus additionally divides by the number of backward calls accumulated
+between steps; vaultkern's micro-batches all belong to one logical batch of
+expected size B̄, so it does not.)
+
+* A parameter whose ``p.grad`` is None (no gradient this step, or an empty
+  batch) counts as a zero sum and still gets noise: whether a parameter was
+  touched must not be observable.
+* Reproducible noise (default): ξ_p[j] is a function of
+  (seed, step, offset_p + j), where offset_p is the number of trainable
+  elements before p (in param-group order). ``seed=None`` draws a seed from
+  ``os.urandom``; the seed and the step counter are in :meth:`state_dict`, so
+  a resumed run draws the same noise as an uninterrupted one.
+* ``secure_mode=True``: ξ from the ChaCha20 generator of the compiled
+  extension, keyed from ``os.urandom`` per call; there is no seed (passing one
+  is an error).
+* Before anything is modified, every gradient is checked for NaN/inf; a
+  non-finite gradient raises and leaves grads, params and counters unchanged.
+* Micro-batches: ``signal_skip_step(do_skip=True)`` makes the next ``step()``
+  a no-op that keeps the accumulated gradients (and the next ``zero_grad()``
+  keeps them too); see :class:`vaultkern.privacy.sampling.BatchMemoryManager`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, List, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from vaultkern.ops.noise import noisy_scale, secure_noisy_scale
+
+_STATE_KEY = "vaultkern_dp"
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+class DPOptimizer(Optimizer):
+    """Wraps a torch optimizer; see the module docstring for the maths.
+
+    Args:
+        optimizer: the optimizer to wrap (its parameters should be those of a
+            model patched by ``vaultkern.patch``).
+        noise_multiplier: σ >= 0; the noise std is σ·C.
+        max_grad_norm: C > 0, the clipping norm the model was patched with.
+        expected_batch_size: B̄ = q·N, required for ``loss_reduction="mean"``.
+        loss_reduction: "mean" (divide by B̄) or "sum" (no scaling).
+        secure_mode: ChaCha20 noise from the C++ extension (no seed allowed).
+        seed: seed of the reproducible noise; None draws one from os.urandom.
+    """
+
+    def __init__(self, optimizer: Optimizer, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: Optional[float], loss_reduction: str = "mean",
+                 secure_mode: bool = False, seed: Optional[int] = None):
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("optimizer is already a DPOptimizer; wrap the original optimizer")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        sigma = float(noise_multiplier)
+        if not (sigma >= 0 and math.isfinite(sigma)):
+            raise ValueError(f"noise_multiplier={noise_multiplier}: must be a finite number >= 0")
+        clip = float(max_grad_norm)
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"max_grad_norm={max_grad_norm}: must be a finite number > 0")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        if loss_reduction == "mean":
+            if expected_batch_size is None or not float(expected_batch_size) > 0:
+                raise ValueError(
+                    f"expected_batch_size={expected_batch_size}: loss_reduction='mean' needs "
+                    "the expected batch size B̄ = q·N > 0")
+        if secure_mode and seed is not None:
+            raise ValueError(
+                f"seed={seed} with secure_mode=True: secure noise is keyed from os.urandom and "
+                "cannot be seeded")
+        self.original_optimizer = optimizer
+        self.noise_multiplier = sigma
+        self.max_grad_norm = clip
+        self.expected_batch_size = (None if expected_batch_size is None
+                                    else float(expected_batch_size))
+        self.loss_reduction = loss_reduction
+        self.secure_mode = bool(secure_mode)
+        self.seed = None if secure_mode else (int(seed) if seed is not None else _random_seed())
+        self.steps_taken = 0  # logical (noised) steps so far
+        self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
+        self._skip_next_step = False
+        self._last_step_skipped = False
+
+    # ---- the wrapped optimizer's attributes --------------------------------
+    @property
+    def param_groups(self) -> List[dict]:
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[dict]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.original_optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, "
+                f"max_grad_norm={self.max_grad_norm}, expected_batch_size="
+                f"{self.expected_batch_size}, loss_reduction={self.loss_reduction!r}, "
+                f"secure_mode={self.secure_mode}, steps_taken={self.steps_taken}, "
+                f"optimizer={self.original_optimizer!r})")
+
+    # ---- DP step -------------------------------------------------------------
+    @property
+    def params(self) -> List[torch.nn.Parameter]:
+        """Trainable parameters of the wrapped optimizer, in group order, once each."""
+        seen, out = set(), []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def grad_scale(self) -> float:
+        return 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.max_grad_norm
+
+    def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
+        """``fn(optimizer)`` runs once per noised step, before the update (accounting)."""
+        self.step_hook = fn
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next ``step()`` only keep accumulating (micro-batch boundary)."""
+        self._skip_next_step = bool(do_skip)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear grads, unless the last step was skipped (accumulation continues)."""
+        if self._last_step_skipped:
+            return
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def check_gradients(self) -> None:
+        """Raise if any gradient is sparse or not finite (nothing is modified)."""
+        for index, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
+                    "DPOptimizer needs dense gradients (use nn.Embedding(sparse=False))")
+            if not bool(torch.isfinite(p.grad).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient (NaN or inf) in parameter {index} of shape "
+                    f"{tuple(p.shape)}; optimizer step not taken, parameters unchanged")
+
+    def add_noise(self) -> None:
+        """p.grad <- (p.grad + σC·ξ)·s for every trainable p (None -> zeros)."""
+        std, scale = self.noise_std, self.grad_scale
+        offset = 0
+        for p in self.params:
+            summed = p.grad if p.grad is not None else torch.zeros_like(p)
+            if std == 0.0:
+                noisy = summed * scale
+            elif self.secure_mode:
+                noisy = secure_noisy_scale(summed.contiguous(), std, scale)
+            else:
+                noisy = noisy_scale(summed.contiguous(), std, scale, seed=self.seed,
+                                    step=self.steps_taken, offset=offset)
+            p.grad = noisy.view_as(p).to(p.dtype)
+            offset += p.numel()
+
+    def pre_step(self) -> bool:
+        """Noise and scale the grads; False when this step is a skipped micro-step."""
+        if self._skip_next_step:
+            self._skip_next_step = False
+            self._last_step_skipped = True
+            return False
+        self.check_gradients()
+        self.add_noise()
+        if self.step_hook is not None:
+            self.step_hook(self)
+        self.steps_taken += 1
+        self._last_step_skipped = False
+        return True
+
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.pre_step():
+            self.original_optimizer.step()
+        return loss
+
+    # ---- checkpoints ---------------------------------------------------------
+    def dp_state_dict(self) -> dict:
+        """The wrapper's own state: step counter, seed and settings."""
+        return {"steps_taken": self.steps_taken, "seed": self.seed,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                "expected_batch_size": self.expected_batch_size,
+                "loss_reduction": self.loss_reduction, "secure_mode": self.secure_mode}
+
+    def state_dict(self) -> dict:
+        state = self.original_optimizer.state_dict()
+        state[_STATE_KEY] = self.dp_state_dict()
+        return state
+
+    def load_dp_state_dict(self, dp_state: dict) -> None:
+        """Restore the step counter and (non-secure mode) the noise seed.
+
+        σ, C, B̄ and the loss reduction stay those this optimizer was built
+        with (the accountant records what each step actually used).
+        """
+        steps = dp_state["steps_taken"]
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f"steps_taken={steps}: must be an integer >= 0")
+        self.steps_taken = int(steps)
+        if not self.secure_mode:
+            if dp_state.get("seed") is None:
+                raise ValueError("the saved DPOptimizer state has no seed (it was secure_mode); "
+                                 "cannot resume reproducible noise from it")
+            self.seed = int(dp_state["seed"])
+        self._skip_next_step = False
+        self._last_step_skipped = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        dp_state = state_dict.pop(_STATE_KEY, None)
+        self.original_optimizer.load_state_dict(state_dict)
+        if dp_state is not None:
+            self.load_dp_state_dict(dp_state)
