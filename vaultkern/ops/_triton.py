@@ -17,7 +17,10 @@ Conventions of every launcher:
   nothing there;
 * partial sums are written to a buffer and summed by torch afterwards rather
   than combined with atomics, so results are deterministic (bit-identical from
-  run to run) and autotuning, which re-runs a kernel, cannot double-count.
+  run to run). Autotuned kernels launch a config-dependent number of programs
+  into a buffer sized for the most; :func:`zero_partial`, a pre-hook of every
+  candidate config, clears it before each launch, so slots a launch does not
+  write are 0 and timing runs leave nothing behind.
 """
 from __future__ import annotations
 
@@ -52,24 +55,60 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def zero_partial(nargs: dict) -> None:
+    """Autotune pre-hook: clear the ``partial_ptr`` buffer before every launch."""
+    nargs["partial_ptr"].zero_()
+
+
 def configs(gpu: Sequence[dict], interpreter: dict, num_warps: Sequence[int] = (4,),
-            num_stages: Sequence[int] = (3,)) -> List["triton.Config"]:
+            num_stages: Sequence[int] = (3,), pre_hook=None) -> List["triton.Config"]:
     """Autotune candidates: the GPU list, or one small config under the interpreter.
 
     Each GPU entry holds meta-parameters, optionally with its own ``num_warps``
     / ``num_stages``; entries without them are tried with every listed value.
     Under the interpreter every candidate would be run (slowly) to time it, so
     only ``interpreter`` is offered there and autotuning is a no-op.
+
+    ``pre_hook`` runs before every launch of a candidate, when timing it and
+    when running the chosen one (Triton calls a Config's pre_hook in both).
     """
     if interpreted():
-        return [triton.Config(dict(interpreter), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(interpreter), num_warps=1, num_stages=1, pre_hook=pre_hook)]
     out = []
     for entry in gpu:
         meta = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
         for w in ([entry["num_warps"]] if "num_warps" in entry else num_warps):
             for s in ([entry["num_stages"]] if "num_stages" in entry else num_stages):
-                out.append(triton.Config(meta, num_warps=w, num_stages=s))
+                out.append(triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook))
     return out
+
+
+def autotune_enabled() -> bool:
+    """``VAULTKERN_AUTOTUNE=0`` (read at import) keeps only each kernel's first candidate.
+
+    Autotuning times every candidate at every new shape; a GPU test run can skip
+    that (the per-config tests still run every candidate explicitly).
+    """
+    return os.environ.get("VAULTKERN_AUTOTUNE", "1") != "0"
+
+
+def tuned(candidates: Sequence["triton.Config"]) -> List["triton.Config"]:
+    """The candidates an autotuned kernel times: all, or the first when autotuning is off."""
+    return list(candidates) if autotune_enabled() else list(candidates[:1])
+
+
+def launch(kernel, grid, args: tuple, meta: dict, config=None) -> None:
+    """Run an autotuned ``kernel``, or with ``config`` its plain JIT function in that config.
+
+    The explicit form (used by tests that check every candidate, and by benches)
+    runs the config's pre-hook first, as the autotuner would.
+    """
+    if config is None:
+        kernel[grid](*args, **meta)
+        return
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(kernel.fn.arg_names, args)), **meta})
+    kernel.fn[grid](*args, **meta, **config.all_kwargs())
 
 
 def uses_reference(*tensors: torch.Tensor) -> bool:
@@ -83,10 +122,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype two ``tl.dot`` operands share (mixed inputs are promoted)."""
+    """The dtype ``tl.dot`` operands share (mixed inputs are promoted).
+
+    Under the interpreter bf16 becomes fp32: Triton's interpreter (3.8) computes
+    ``tl.dot`` of bf16 operands on their raw bits (numpy has no bf16), while
+    loads, converts and stores of bf16 are right. The upcast is exact, so the
+    interpreter still checks the kernels on the bf16 values; compiled kernels
+    keep bf16 operands for the tensor cores.
+    """
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
+    if dtype == torch.bfloat16 and interpreted():
+        dtype = torch.float32
     return dtype
 
 

@@ -61,8 +61,8 @@ def clipped_embedding_grad_torch(ids, g, clip, num_embeddings: int) -> torch.Ten
 # GPU) and avoids the reference's scaled copy and boolean-mask gathers.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import (  # noqa: E402
-    as_dtype, common_dtype, configs, dot_precision, interpreted, sm_count, tl, triton,
-    uses_reference)
+    as_dtype, common_dtype, configs, dot_precision, interpreted, launch, sm_count, tl, triton,
+    tuned, uses_reference)
 
 _MATMUL_CONFIGS = configs(
     gpu=[dict(BLOCK_R=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -74,7 +74,7 @@ _MATMUL_CONFIGS = configs(
 _GROUP_R = 8  # output row tiles walked together, so neighbouring programs share L2
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["R", "C", "K", "SPLITS"])
+@triton.autotune(configs=tuned(_MATMUL_CONFIGS), key=["R", "C", "K", "SPLITS"])
 @triton.jit
 def _clipped_matmul_kernel(left_ptr, right_ptr, clip_ptr, out_ptr,
                            T, K, R, C, SPLITS,
@@ -122,8 +122,9 @@ def default_splits(rows: int, cols: int, reduction: int, sms: int) -> int:
     return max(1, min(triton.cdiv(sms, tiles), reduction // 256, 16))
 
 
-def clipped_linear_grad_triton_splits(left, right, clip, splits=None) -> torch.Tensor:
-    """The Triton clipped matmul with an explicit split-K factor (tests use this)."""
+def clipped_linear_grad_triton_splits(left, right, clip, splits=None, config=None) -> torch.Tensor:
+    """The Triton clipped matmul; ``splits`` (split-K factor) and ``config`` (one of
+    _MATMUL_CONFIGS) override the automatic choices (tests use them)."""
     dtype = common_dtype(left, right)
     left, right = as_dtype(left, dtype), as_dtype(right, dtype)
     B, T, R = left.shape
@@ -135,10 +136,13 @@ def clipped_linear_grad_triton_splits(left, right, clip, splits=None) -> torch.T
     if K == 0:
         return out.zero_().sum(0)
     clip32 = clip.to(torch.float32).contiguous()
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]), splits)  # noqa: E731
-    _clipped_matmul_kernel[grid](left, right, clip32, out, T, K, R, C, splits,
-                                 *left.stride(), *right.stride(), out.stride(0), out.stride(1),
-                                 PRECISION=dot_precision(dtype), GROUP_R=_GROUP_R)
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]), splits)
+    launch(_clipped_matmul_kernel, grid,
+           (left, right, clip32, out, T, K, R, C, splits,
+            *left.stride(), *right.stride(), out.stride(0), out.stride(1)),
+           dict(PRECISION=dot_precision(dtype), GROUP_R=_GROUP_R), config)
     return out[0] if splits == 1 else out.sum(0)
 
 

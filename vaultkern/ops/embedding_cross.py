@@ -72,16 +72,19 @@ def embedding_cross_torch(ids1, e1, ids2, e2) -> torch.Tensor:
 # tile pairs of the two lookups.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import (  # noqa: E402
-    as_dtype, common_dtype, configs, dot_precision, tl, triton, uses_reference)
+    as_dtype, common_dtype, configs, dot_precision, launch, tl, triton, tuned, uses_reference,
+    zero_partial)
 from vaultkern.ops.embedding_norm import matching_ids_triton  # noqa: E402
 from vaultkern.ops.linear_norm import gram_tile  # noqa: E402
 
 _HEAD_CONFIGS = configs(
-    gpu=[dict(BLOCK_T=64, BLOCK_K=64), dict(BLOCK_T=128, BLOCK_K=32), dict(BLOCK_T=128, BLOCK_K=64)],
-    interpreter=dict(BLOCK_T=16, BLOCK_K=16), num_warps=(4, 8))
+    gpu=[dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+         dict(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3),
+         dict(BLOCK_T=64, BLOCK_K=128, num_warps=4, num_stages=3)],
+    interpreter=dict(BLOCK_T=16, BLOCK_K=16), pre_hook=zero_partial)
 
 
-@triton.autotune(configs=_HEAD_CONFIGS, key=["T1", "T2", "D"], reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=tuned(_HEAD_CONFIGS), key=["T1", "T2", "D"])
 @triton.jit
 def _embedding_head_kernel(ids_ptr, e_ptr, h_ptr, z_ptr, partial_ptr,
                            T1, T2, D, partial_stride,
@@ -103,11 +106,11 @@ def _embedding_head_kernel(ids_ptr, e_ptr, h_ptr, z_ptr, partial_ptr,
     tl.store(partial_ptr + b * partial_stride + tile, total)
 
 
-@embedding_linear_cross.register("triton")
-def embedding_linear_cross_triton(ids, e, h, z) -> torch.Tensor:
-    """Tiled Triton kernel; float64 inputs use the torch reference."""
-    if uses_reference(e, h, z):
-        return embedding_linear_cross_torch(ids, e, h, z)
+def embedding_head_triton(ids, e, h, z, config=None) -> torch.Tensor:
+    """Σ_{t,s} z_s[x_t]·(e_t·h_s) per example by the tiled kernel -> fp32 [B].
+
+    ``config``: one of _HEAD_CONFIGS instead of autotuning.
+    """
     dtype = common_dtype(e, h)
     e, h = as_dtype(e, dtype), as_dtype(h, dtype)
     B, T1 = ids.shape
@@ -117,14 +120,22 @@ def embedding_linear_cross_triton(ids, e, h, z) -> torch.Tensor:
         return triton.cdiv(T1, block_t) * triton.cdiv(T2, block_t)
 
     smallest = min(c.kwargs["BLOCK_T"] for c in _HEAD_CONFIGS)
-    partial = torch.zeros(B, programs(smallest), dtype=torch.float32, device=e.device)
+    partial = torch.empty(B, programs(smallest), dtype=torch.float32, device=e.device)
     if B * T1 * T2 == 0:
-        return partial.sum(1)
-    _embedding_head_kernel[lambda meta: (B * programs(meta["BLOCK_T"]),)](
-        ids, e, h, z, partial, T1, T2, D, partial.stride(0),
-        *ids.stride(), *e.stride(), *h.stride(), *z.stride(),
-        PRECISION=dot_precision(dtype))
+        return partial.zero_().sum(1)
+    launch(_embedding_head_kernel, lambda meta: (B * programs(meta["BLOCK_T"]),),
+           (ids, e, h, z, partial, T1, T2, D, partial.stride(0),
+            *ids.stride(), *e.stride(), *h.stride(), *z.stride()),
+           dict(PRECISION=dot_precision(dtype)), config)
     return partial.sum(1)
+
+
+@embedding_linear_cross.register("triton")
+def embedding_linear_cross_triton(ids, e, h, z) -> torch.Tensor:
+    """Tiled Triton kernel; float64 inputs use the torch reference."""
+    if uses_reference(e, h, z):
+        return embedding_linear_cross_torch(ids, e, h, z)
+    return embedding_head_triton(ids, e, h, z)
 
 
 @embedding_cross.register("triton")

@@ -54,17 +54,18 @@ def embedding_norm_sq_torch(ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # Ids < 0 (ignored positions) sort first and never match.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import (  # noqa: E402
-    as_dtype, common_dtype, configs, dot_precision, num_tile_pairs, tile_pair, tl, triton,
-    uses_reference)
+    as_dtype, common_dtype, configs, dot_precision, launch, num_tile_pairs, tile_pair, tl, triton,
+    tuned, uses_reference, zero_partial)
 from vaultkern.ops.linear_norm import gram_tile  # noqa: E402
 
 _MATCH_CONFIGS = configs(
-    gpu=[dict(BLOCK_T=64, BLOCK_K=64), dict(BLOCK_T=128, BLOCK_K=32), dict(BLOCK_T=64, BLOCK_K=128)],
-    interpreter=dict(BLOCK_T=16, BLOCK_K=16), num_warps=(4, 8))
+    gpu=[dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+         dict(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3),
+         dict(BLOCK_T=64, BLOCK_K=128, num_warps=4, num_stages=3)],
+    interpreter=dict(BLOCK_T=16, BLOCK_K=16), pre_hook=zero_partial)
 
 
-@triton.autotune(configs=_MATCH_CONFIGS, key=["T1", "T2", "D", "SYMMETRIC"],
-                 reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=tuned(_MATCH_CONFIGS), key=["T1", "T2", "D", "SYMMETRIC"])
 @triton.jit
 def _matching_ids_kernel(x1_ptr, perm1_ptr, e1_ptr, x2_ptr, perm2_ptr, e2_ptr, partial_ptr,
                          T1, T2, D, partial_stride,
@@ -106,10 +107,11 @@ def _matching_ids_kernel(x1_ptr, perm1_ptr, e1_ptr, x2_ptr, perm2_ptr, e2_ptr, p
         tl.store(partial_ptr + b * partial_stride + pair, total)
 
 
-def matching_ids_triton(ids1, e1, ids2, e2, symmetric: bool) -> torch.Tensor:
+def matching_ids_triton(ids1, e1, ids2, e2, symmetric: bool, config=None) -> torch.Tensor:
     """Σ_{t,s} [ids1_t = ids2_s ≥ 0] (e1_t·e2_s) per example -> fp32 [B].
 
     ``symmetric`` (a norm: ids2 is ids1, e2 is e1) sorts once and runs i ≤ j tiles.
+    ``config``: one of _MATCH_CONFIGS instead of autotuning.
     """
     dtype = common_dtype(e1, e2)
     e1, e2 = as_dtype(e1, dtype), as_dtype(e2, dtype)
@@ -122,13 +124,13 @@ def matching_ids_triton(ids1, e1, ids2, e2, symmetric: bool) -> torch.Tensor:
         return num_tile_pairs(triton.cdiv(T1, block_t), triton.cdiv(T2, block_t), symmetric)
 
     smallest = min(c.kwargs["BLOCK_T"] for c in _MATCH_CONFIGS)
-    partial = torch.zeros(B, programs(smallest), dtype=torch.float32, device=e1.device)
+    partial = torch.empty(B, programs(smallest), dtype=torch.float32, device=e1.device)
     if B * T1 * T2 == 0:
-        return partial.sum(1)
-    _matching_ids_kernel[lambda meta: (B * programs(meta["BLOCK_T"]),)](
-        x1, perm1, e1, x2, perm2, e2, partial, T1, T2, D, partial.stride(0),
-        x1.stride(0), *e1.stride(), x2.stride(0), *e2.stride(),
-        SYMMETRIC=symmetric, PRECISION=dot_precision(dtype))
+        return partial.zero_().sum(1)
+    launch(_matching_ids_kernel, lambda meta: (B * programs(meta["BLOCK_T"]),),
+           (x1, perm1, e1, x2, perm2, e2, partial, T1, T2, D, partial.stride(0),
+            x1.stride(0), *e1.stride(), x2.stride(0), *e2.stride()),
+           dict(SYMMETRIC=symmetric, PRECISION=dot_precision(dtype)), config)
     return partial.sum(1)
 
 

@@ -47,7 +47,6 @@ def linear_norm_sq_torch(a: torch.Tensor, g: torch.Tensor, mode: str = "ghost") 
     return out
 
 
-
 # ----------------------------------------------------------------------------
 # Triton implementation
 #
@@ -64,24 +63,28 @@ def linear_norm_sq_torch(a: torch.Tensor, g: torch.Tensor, mode: str = "ghost") 
 #   never reaches memory.
 #
 # The grid is 1-D over (example, tile) so that no axis limit caps the batch.
-# Each program writes one partial sum to a zeroed [B, programs] buffer that
-# torch sums per example. The buffer is sized for the smallest tile candidate;
-# autotuning zeroes it again after timing candidates (reset_to_zero), so slots
-# the chosen configuration does not launch stay 0.
+# Each program writes one partial sum to a [B, programs] buffer that torch sums
+# per example. The buffer is sized for the tile candidate launching the most
+# programs and cleared before every launch (zero_partial pre-hook), so slots the
+# chosen configuration does not launch are 0.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import (  # noqa: E402
-    as_dtype, common_dtype, configs, dot_precision, num_tile_pairs, tile_pair, tl, triton,
-    uses_reference)
+    as_dtype, common_dtype, configs, dot_precision, launch, num_tile_pairs, tile_pair, tl, triton,
+    tuned, uses_reference, zero_partial)
 
 _GHOST_CONFIGS = configs(
-    gpu=[dict(BLOCK_T=64, BLOCK_K=32), dict(BLOCK_T=64, BLOCK_K=64),
-         dict(BLOCK_T=128, BLOCK_K=32), dict(BLOCK_T=128, BLOCK_K=64)],
-    interpreter=dict(BLOCK_T=16, BLOCK_K=16), num_warps=(4, 8))
+    gpu=[dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+         dict(BLOCK_T=64, BLOCK_K=32, num_warps=4, num_stages=4),
+         dict(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3),
+         dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3)],
+    interpreter=dict(BLOCK_T=16, BLOCK_K=16), pre_hook=zero_partial)
 
 _DIRECT_CONFIGS = configs(
-    gpu=[dict(BLOCK_P=64, BLOCK_D=64, BLOCK_T=64), dict(BLOCK_P=128, BLOCK_D=64, BLOCK_T=32),
-         dict(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32), dict(BLOCK_P=64, BLOCK_D=128, BLOCK_T=64)],
-    interpreter=dict(BLOCK_P=16, BLOCK_D=16, BLOCK_T=16), num_warps=(4, 8))
+    gpu=[dict(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, num_warps=8, num_stages=3),
+         dict(BLOCK_P=128, BLOCK_D=64, BLOCK_T=64, num_warps=4, num_stages=3),
+         dict(BLOCK_P=64, BLOCK_D=128, BLOCK_T=64, num_warps=4, num_stages=3),
+         dict(BLOCK_P=64, BLOCK_D=64, BLOCK_T=64, num_warps=4, num_stages=4)],
+    interpreter=dict(BLOCK_P=16, BLOCK_D=16, BLOCK_T=16), pre_hook=zero_partial)
 
 
 @triton.jit
@@ -102,8 +105,7 @@ def gram_tile(x_ptr, y_ptr, sxt, sxk, syt, syk, rows, cols, n_rows, n_cols, K, a
     return acc
 
 
-@triton.autotune(configs=_GHOST_CONFIGS, key=["T1", "T2", "D", "P", "SYMMETRIC"],
-                 reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=tuned(_GHOST_CONFIGS), key=["T1", "T2", "D", "P", "SYMMETRIC"])
 @triton.jit
 def _ghost_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
                   T1, T2, D, P, partial_stride,
@@ -150,8 +152,7 @@ def _gradient_tile(a_ptr, g_ptr, sat, sad, sgt, sgp, p_idx, d_idx, T, D, P,
     return acc
 
 
-@triton.autotune(configs=_DIRECT_CONFIGS, key=["T1", "T2", "D", "P", "SAME"],
-                 reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=tuned(_DIRECT_CONFIGS), key=["T1", "T2", "D", "P", "SAME"])
 @triton.jit
 def _direct_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
                    T1, T2, D, P, partial_stride,
@@ -183,10 +184,11 @@ def _dot_operands(*tensors):
     return [as_dtype(t, dtype) for t in tensors], dot_precision(dtype)
 
 
-def ghost_triton(a1, g1, a2, g2, symmetric: bool) -> torch.Tensor:
+def ghost_triton(a1, g1, a2, g2, symmetric: bool, config=None) -> torch.Tensor:
     """Σ_{t,s} (a1_t·a2_s)(g1_t·g2_s) per example by the ghost kernel -> fp32 [B].
 
     ``symmetric`` (a norm: a1 is a2 and g1 is g2) runs tile pairs i ≤ j only.
+    ``config``: one of _GHOST_CONFIGS instead of autotuning.
     """
     (a1, g1, a2, g2), precision = _dot_operands(a1, g1, a2, g2)
     B, T1, D = a1.shape
@@ -196,18 +198,21 @@ def ghost_triton(a1, g1, a2, g2, symmetric: bool) -> torch.Tensor:
         return num_tile_pairs(triton.cdiv(T1, block_t), triton.cdiv(T2, block_t), symmetric)
 
     smallest = min(c.kwargs["BLOCK_T"] for c in _GHOST_CONFIGS)
-    partial = torch.zeros(B, programs(smallest), dtype=torch.float32, device=a1.device)
-    _ghost_kernel[lambda meta: (B * programs(meta["BLOCK_T"]),)](
-        a1, g1, a2, g2, partial, T1, T2, D, P, partial.stride(0),
-        *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride(),
-        SYMMETRIC=symmetric, PRECISION=precision)
+    partial = torch.empty(B, programs(smallest), dtype=torch.float32, device=a1.device)
+    if B * T1 * T2 == 0:
+        return partial.zero_().sum(1)
+    launch(_ghost_kernel, lambda meta: (B * programs(meta["BLOCK_T"]),),
+           (a1, g1, a2, g2, partial, T1, T2, D, P, partial.stride(0),
+            *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride()),
+           dict(SYMMETRIC=symmetric, PRECISION=precision), config)
     return partial.sum(1)
 
 
-def direct_triton(a1, g1, a2, g2, same: bool) -> torch.Tensor:
+def direct_triton(a1, g1, a2, g2, same: bool, config=None) -> torch.Tensor:
     """Σ_{p,d} (g1ᵀa1)(g2ᵀa2) per example by the direct kernel -> fp32 [B].
 
     ``same`` (a norm: a1 is a2 and g1 is g2) forms each gradient tile once.
+    ``config``: one of _DIRECT_CONFIGS instead of autotuning.
     """
     (a1, g1, a2, g2), precision = _dot_operands(a1, g1, a2, g2)
     B, T1, D = a1.shape
@@ -217,11 +222,13 @@ def direct_triton(a1, g1, a2, g2, same: bool) -> torch.Tensor:
         return triton.cdiv(P, block_p) * triton.cdiv(D, block_d)
 
     most = max(programs(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_D"]) for c in _DIRECT_CONFIGS)
-    partial = torch.zeros(B, most, dtype=torch.float32, device=a1.device)
-    _direct_kernel[lambda meta: (B * programs(meta["BLOCK_P"], meta["BLOCK_D"]),)](
-        a1, g1, a2, g2, partial, T1, T2, D, P, partial.stride(0),
-        *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride(),
-        SAME=same, PRECISION=precision)
+    partial = torch.empty(B, most, dtype=torch.float32, device=a1.device)
+    if B * T1 * T2 == 0:
+        return partial.zero_().sum(1)
+    launch(_direct_kernel, lambda meta: (B * programs(meta["BLOCK_P"], meta["BLOCK_D"]),),
+           (a1, g1, a2, g2, partial, T1, T2, D, P, partial.stride(0),
+            *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride()),
+           dict(SAME=same, PRECISION=precision), config)
     return partial.sum(1)
 
 

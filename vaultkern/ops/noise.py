@@ -71,7 +71,7 @@ def secure_noisy_scale(summed: torch.Tensor, std: float, scale: float) -> torch.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import interpreted, tl, triton  # noqa: E402
 
-_NOISE_QUADS = 64 if interpreted() else 256   # 4·_NOISE_QUADS elements per program
+_NOISE_QUADS = 4096 if interpreted() else 256  # 4·_NOISE_QUADS elements per program
 
 
 @triton.jit
