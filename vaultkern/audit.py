@@ -1,0 +1,301 @@
+"""Empirical privacy audit of a training run: ``python -m vaultkern audit RUN_DIR``.
+
+Four measurements, all on the run's own packed data (data.pt):
+
+* held-out perplexity — utility, on documents never trained on;
+* memorisation (as in VaultGemma's test) — take the first P tokens of a
+  training sequence, decode S tokens greedily, count exact matches of the true
+  S-token suffix. P = S = 50 when sequences are long enough (T + 1 >= 100),
+  otherwise P = S = (T + 1) // 2. The same rate on held-out sequences is the
+  baseline of what templated text lets any model predict;
+* canary exposure (Carlini et al., "The Secret Sharer", 2019) — for each
+  planted canary, rank the log-perplexity of its true secret among K random
+  secrets of the same format after the same prefix:
+  exposure = log2(K + 1) − log2(rank), rank 1 = the true secret is the most
+  likely (tied scores share the middle rank); a secret the model never saw
+  has exposure about 1 on average;
+* membership inference — AUC of the loss-threshold attack (a lower loss means
+  "member") between training and held-out sequences; 0.5 is chance.
+
+DP bounds what any such attack can achieve; these numbers are a check, not a
+proof: a low exposure does not certify privacy, a high one refutes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+
+from vaultkern.data import ByteTokenizer, PackedCorpus, candidate_secrets, inputs_and_targets
+from vaultkern.models import IGNORE_INDEX, per_sequence_loss
+
+AUDIT_FILE = "audit.json"
+tokenizer = ByteTokenizer()
+
+
+def _batches(n: int, size: int, quiet: bool = True, desc: str = ""):
+    starts = range(0, n, size)
+    if not quiet:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for start in starts:
+        yield slice(start, min(n, start + size))
+
+
+@torch.no_grad()
+def sequence_losses(model, rows: torch.Tensor, device, batch_size: int = 64):
+    """Per row: (sum of token cross-entropies [N], number of scored tokens [N])."""
+    totals, counts = [], []
+    for sl in _batches(len(rows), batch_size):
+        inputs, targets = inputs_and_targets(rows[sl])
+        inputs, targets = inputs.to(device), targets.to(device)
+        totals.append(per_sequence_loss(model(inputs), targets).cpu())
+        counts.append((targets != IGNORE_INDEX).sum(1).cpu())
+    if not totals:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(totals), torch.cat(counts)
+
+
+@torch.no_grad()
+def greedy_continue(model, prefixes: torch.Tensor, num_new: int, device,
+                    batch_size: int = 128) -> torch.Tensor:
+    """Greedy decoding of num_new tokens after each prefix row [K, P] (no KV cache)."""
+    seq_len = model.config.seq_len
+    outs = []
+    for sl in _batches(len(prefixes), batch_size):
+        ids = prefixes[sl].to(device)
+        for _ in range(num_new):
+            next_id = model(ids[:, -seq_len:])[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+        outs.append(ids[:, prefixes.shape[1]:].cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, num_new, dtype=torch.long)
+
+
+def memorization_lengths(seq_len: int):
+    """(prefix, suffix) lengths: 50/50, or half a row each for short sequences."""
+    half = min(50, (seq_len + 1) // 2)
+    return half, half
+
+
+def _eligible(rows: torch.Tensor, length: int, limit: int, seed: int) -> torch.Tensor:
+    """Up to ``limit`` rows (seeded choice) with no padding in their first ``length`` tokens."""
+    full = rows[(rows[:, :length] != tokenizer.PAD).all(1)]
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    return full[order[:limit]]
+
+
+def memorization(model, train_rows, heldout_rows, device, num_samples: int = 256, seed: int = 0) -> dict:
+    prefix_len, suffix_len = memorization_lengths(model.config.seq_len)
+    result = {"prefix_len": prefix_len, "suffix_len": suffix_len}
+    for name, rows in (("train", train_rows), ("heldout", heldout_rows)):
+        sample = _eligible(rows, prefix_len + suffix_len, num_samples, seed)
+        if len(sample) == 0:
+            result.update({f"{name}_exact_match_rate": None, f"{name}_token_match_rate": None,
+                           f"num_{name}": 0})
+            continue
+        decoded = greedy_continue(model, sample[:, :prefix_len], suffix_len, device)
+        same = decoded == sample[:, prefix_len:prefix_len + suffix_len]
+        result.update({f"{name}_exact_match_rate": same.all(1).float().mean().item(),
+                       f"{name}_token_match_rate": same.float().mean().item(),
+                       f"num_{name}": len(sample)})
+    return result
+
+
+@torch.no_grad()
+def secret_log_perplexities(model, prefix: str, secrets: List[str], device,
+                            batch_size: int = 256) -> torch.Tensor:
+    """Σ of token NLLs of each secret after BOS + prefix (all secrets have one format)."""
+    prefix_ids = tokenizer.encode(prefix, bos=True)
+    seqs = torch.tensor([prefix_ids + tokenizer.encode(s) for s in secrets])
+    seqs = seqs[:, -(model.config.seq_len + 1):]  # keep the secret; drop prefix tokens if too long
+    secret_len = len(tokenizer.encode(secrets[0]))
+    out = []
+    for sl in _batches(len(seqs), batch_size):
+        inputs, targets = seqs[sl, :-1].to(device), seqs[sl, 1:].clone().to(device)
+        targets[:, :-secret_len] = IGNORE_INDEX  # score the secret's tokens only
+        out.append(per_sequence_loss(model(inputs), targets).cpu())
+    return torch.cat(out)
+
+
+def canary_exposure(model, canaries, device, num_candidates: int = 999, seed: int = 0) -> List[dict]:
+    results = []
+    for index, canary in enumerate(canaries):
+        secrets = [canary.secret] + candidate_secrets(canary, num_candidates, seed)
+        scores = secret_log_perplexities(model, canary.prefix, secrets, device)
+        # ties share their ranks (mid-rank), so a model that cannot tell secrets apart gets ~1
+        rank = 1 + float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
+        prefix_ids = torch.tensor([tokenizer.encode(canary.prefix, bos=True)])
+        greedy = greedy_continue(model, prefix_ids, len(canary.secret.encode("utf-8")), device)
+        results.append({"canary": index, "repetitions": canary.repetitions, "rank": rank,
+                        "exposure": math.log2(len(secrets)) - math.log2(rank),
+                        "extracted": tokenizer.decode(greedy[0]) == canary.secret})
+    return results
+
+
+def membership_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:
+    """AUC of "lower loss ⇒ member": P(member loss < non-member loss) + ½ P(tie)."""
+    if len(member_losses) == 0 or len(nonmember_losses) == 0:
+        raise ValueError("membership inference needs members and non-members "
+                         f"(got {len(member_losses)} and {len(nonmember_losses)})")
+    m, n = member_losses.double()[:, None], nonmember_losses.double()[None, :]
+    return float(((m < n).double() + 0.5 * (m == n).double()).mean())
+
+
+def audit_model(model, data: PackedCorpus, device, num_candidates: int = 999,
+                max_sequences: int = 1000, memorization_samples: int = 256, seed: int = 0,
+                quiet: bool = True) -> dict:
+    model.eval()
+    step = (lambda msg: None) if quiet else (lambda msg: print(f"audit: {msg}", file=sys.stderr))
+    step("held-out perplexity and membership inference")
+    members = _eligible(data.train_rows, 2, max_sequences, seed)
+    nonmembers = _eligible(data.heldout_rows, 2, max_sequences, seed)
+    all_heldout_total, all_heldout_tokens = sequence_losses(model, data.heldout_rows, device)
+    heldout_loss = (float(all_heldout_total.sum() / all_heldout_tokens.sum())
+                    if len(all_heldout_total) else None)
+    m_total, m_tokens = sequence_losses(model, members, device)
+    n_total, n_tokens = sequence_losses(model, nonmembers, device)
+    member_loss, nonmember_loss = m_total / m_tokens, n_total / n_tokens
+    step("memorisation (greedy continuation of training prefixes)")
+    mem = memorization(model, data.train_rows, data.heldout_rows, device, memorization_samples, seed)
+    step(f"canary exposure ({len(data.canaries)} canaries × {num_candidates + 1} candidates)")
+    canaries = canary_exposure(model, data.canaries, device, num_candidates, seed) if data.canaries else []
+    by_reps: Dict[str, dict] = {}
+    grouped = defaultdict(list)
+    for c in canaries:
+        grouped[c["repetitions"]].append(c)
+    for reps, group in sorted(grouped.items()):
+        by_reps[str(reps)] = {"count": len(group),
+                              "mean_exposure": sum(c["exposure"] for c in group) / len(group),
+                              "extracted": sum(c["extracted"] for c in group)}
+    prefix_len, suffix_len = mem["prefix_len"], mem["suffix_len"]
+    return {
+        "what_was_audited": (
+            f"Held-out perplexity; memorisation: greedy {suffix_len}-token continuation of "
+            f"{prefix_len}-token prefixes of training sequences (exact-match rate, held-out as baseline); "
+            f"exposure of {len(canaries)} planted canaries against {num_candidates} random candidates each; "
+            "loss-threshold membership inference (AUC) between training and held-out sequences."),
+        "heldout_loss": heldout_loss,
+        "heldout_perplexity": math.exp(heldout_loss) if heldout_loss is not None else None,
+        "memorization": mem,
+        "canaries": canaries,
+        "canary_num_candidates": num_candidates,
+        "canary_max_exposure": math.log2(num_candidates + 1),
+        "canary_exposure_by_repetitions": by_reps,
+        "membership_inference": {
+            "attack": "loss threshold (mean token loss of a sequence)",
+            "auc": membership_auc(member_loss, nonmember_loss),
+            "num_members": len(member_loss), "num_nonmembers": len(nonmember_loss),
+            "member_mean_loss": float(member_loss.mean()),
+            "nonmember_mean_loss": float(nonmember_loss.mean()),
+        },
+    }
+
+
+def audit_run(run_dir: str, device: str = "auto", num_candidates: int = 999, max_sequences: int = 1000,
+              memorization_samples: int = 256, seed: int = 0, quiet: bool = False) -> dict:
+    """Audit the run in ``run_dir``; writes audit.json and adds the results to the model card."""
+    from vaultkern.model_card import add_audit, read_model_card
+    from vaultkern.train import DATA_FILE, load_model, resolve_device
+    device = resolve_device(device)
+    data_path = os.path.join(run_dir, DATA_FILE)
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"{data_path!r} not found: is {run_dir!r} a training run directory?")
+    model = load_model(run_dir, device)
+    data = PackedCorpus.load(data_path)
+    result = audit_model(model, data, device, num_candidates, max_sequences, memorization_samples,
+                         seed, quiet)
+    card = read_model_card(run_dir)
+    if card is not None:
+        result["differentially_private"] = card["privacy"]["differentially_private"]
+        result["epsilon"] = card["privacy"]["epsilon"]
+    path = os.path.join(run_dir, AUDIT_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    if card is not None:
+        add_audit(run_dir, result)
+    return result
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def format_comparison(results: Dict[str, dict]) -> str:
+    """A side-by-side table of audits, e.g. {"non-private": a, "private": b}."""
+    names = list(results)
+    rows = [("", names)]
+
+    def add(label, fn):
+        rows.append((label, [fn(results[n]) for n in names]))
+
+    add("epsilon", lambda r: _f(r.get("epsilon"), "{:.2f}") if r.get("differentially_private")
+        else "∞ (no DP)")
+    add("held-out perplexity", lambda r: _f(r["heldout_perplexity"]))
+    add("membership inference AUC", lambda r: _f(r["membership_inference"]["auc"]))
+    mem = results[names[0]]["memorization"]
+    add(f"memorised {mem['suffix_len']}-token suffixes (train)",
+        lambda r: _f(r["memorization"]["train_exact_match_rate"], "{:.1%}"))
+    add("  same on held-out (baseline)",
+        lambda r: _f(r["memorization"]["heldout_exact_match_rate"], "{:.1%}"))
+    reps = sorted({k for r in results.values() for k in r["canary_exposure_by_repetitions"]}, key=int)
+    for k in reps:
+        def cell(r, k=k):
+            row = r["canary_exposure_by_repetitions"].get(k)
+            if row is None:
+                return "—"
+            return f"{row['mean_exposure']:.2f} ({row['extracted']}/{row['count']} extracted)"
+        add(f"canary exposure, {k}× repeated", cell)
+    if reps:
+        top = results[names[0]]["canary_max_exposure"]
+        rows.append((f"  (max exposure {top:.2f}; ~1 = never seen)", [""] * len(names)))
+    width = max(len(label) for label, _ in rows) + 2
+    col = max(20, max(len(c) for _, cells in rows for c in cells) + 2)
+    return "\n".join(label.ljust(width) + "".join(c.ljust(col) for c in cells) for label, cells in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vaultkern audit",
+        description="Empirical privacy audit of a training run: held-out perplexity, memorisation, "
+                    "canary exposure, membership inference. Writes RUN_DIR/audit.json and updates "
+                    "the model card.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="run directory written by `python -m vaultkern train`")
+    p.add_argument("--candidates", type=int, default=999,
+                   help="random secrets each canary is ranked against (at least 100)")
+    p.add_argument("--max-sequences", type=int, default=1000,
+                   help="training and held-out sequences used for membership inference")
+    p.add_argument("--memorization-samples", type=int, default=256,
+                   help="sequences used for the memorisation test")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed for the choice of sequences and candidates")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.candidates < 100:
+        print(f"error: --candidates {args.candidates}: use at least 100", file=sys.stderr)
+        return 2
+    try:
+        result = audit_run(args.run_dir, args.device, args.candidates, args.max_sequences,
+                           args.memorization_samples, args.seed, args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = os.path.basename(os.path.abspath(args.run_dir))
+    print(format_comparison({name: result}))
+    print(f"\nwrote {os.path.join(args.run_dir, AUDIT_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Training corpora: the built-in synthetic records or the user's text files.
+
+A corpus is split by *document* into training and held-out parts (the
+held-out part is never trained on; the audit uses it for perplexity and as
+the non-member set of the membership-inference test), then packed into rows.
+Canaries are planted into the training part only.
+
+User data (``--data PATH``):
+  * ``.txt``   — documents separated by one or more blank lines;
+  * ``.jsonl`` — one JSON object per line with a ``"text"`` field;
+  * a folder   — every .txt and .jsonl file under it, in sorted path order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from vaultkern.data.packing import pack_documents
+from vaultkern.data.synthetic import Canary, make_canaries, plant_canaries, synthetic_records
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class Corpus:
+    train_documents: List[str]
+    heldout_documents: List[str]
+    canaries: List[Canary] = field(default_factory=list)
+    description: str = ""
+
+
+def read_documents(path: str) -> List[str]:
+    """Documents from a .txt file, a .jsonl file, or a folder of those."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                       for name in names if name.endswith(TEXT_SUFFIXES))
+        if not files:
+            raise ValueError(f"folder {path!r} contains no .txt or .jsonl files")
+        return [doc for f in files for doc in read_documents(f)]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if path.endswith(".txt"):
+        return [doc.strip() for doc in re.split(r"\n\s*\n", content) if doc.strip()]
+    if path.endswith(".jsonl"):
+        docs = []
+        for line_no, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{line_no}: expected an object with a string \"text\" field")
+            docs.append(record["text"])
+        return docs
+    raise ValueError(f"--data {path!r}: expected a .txt or .jsonl file or a folder of them")
+
+
+def split_documents(documents: Sequence[str], heldout_fraction: float, seed: int):
+    """Shuffle (seeded) and split into (train, held-out); at least one of each when possible."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    docs = list(documents)
+    random.Random(f"split-{seed}").shuffle(docs)
+    num_heldout = round(len(docs) * heldout_fraction)
+    if heldout_fraction > 0 and num_heldout == 0 and len(docs) >= 2:
+        num_heldout = 1
+    return docs[num_heldout:], docs[:num_heldout]
+
+
+def builtin_corpus(num_records: int = 2000, seed: int = 0, heldout_fraction: float = 0.1,
+                   canary_repetitions: Sequence[int] = (1, 4, 16),
+                   canaries_per_repetition: int = 2) -> Corpus:
+    records = synthetic_records(num_records, seed)
+    train, heldout = split_documents(records, heldout_fraction, seed)
+    canaries = make_canaries(seed, canary_repetitions, canaries_per_repetition) if canary_repetitions else []
+    train = plant_canaries(train, canaries, seed)
+    planted = sum(c.repetitions for c in canaries)
+    return Corpus(train, heldout, canaries,
+                  f"built-in synthetic records ({num_records} records, seed {seed}, "
+                  f"{len(canaries)} canaries planted {planted} times)")
+
+
+def file_corpus(path: str, seed: int = 0, heldout_fraction: float = 0.1,
+                canary_repetitions: Optional[Sequence[int]] = None) -> Corpus:
+    """The user's documents; canaries are planted only when canary_repetitions is given."""
+    documents = read_documents(path)
+    if len(documents) < 2:
+        raise ValueError(f"--data {path!r} holds {len(documents)} document(s); need at least 2 "
+                         "(separate documents in a .txt file by blank lines)")
+    digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
+    train, heldout = split_documents(documents, heldout_fraction, seed)
+    canaries = make_canaries(seed, canary_repetitions) if canary_repetitions else []
+    train = plant_canaries(train, canaries, seed)
+    return Corpus(train, heldout, canaries,
+                  f"{os.path.abspath(path)} ({len(documents)} documents, sha256 {digest}…)")
+
+
+@dataclass
+class PackedCorpus:
+    """What training and the audit read: packed rows, held-out rows, canaries."""
+    train_rows: torch.Tensor     # [N, seq_len + 1]
+    heldout_rows: torch.Tensor   # [M, seq_len + 1]
+    canaries: List[Canary]
+    description: str
+    seq_len: int
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus, seq_len: int) -> "PackedCorpus":
+        return cls(pack_documents(corpus.train_documents, seq_len),
+                   pack_documents(corpus.heldout_documents, seq_len),
+                   list(corpus.canaries), corpus.description, seq_len)
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        torch.save({"train_rows": self.train_rows.to(torch.int32),
+                    "heldout_rows": self.heldout_rows.to(torch.int32),
+                    "canaries": [c.to_dict() for c in self.canaries],
+                    "description": self.description, "seq_len": self.seq_len}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "PackedCorpus":
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(blob["train_rows"].long(), blob["heldout_rows"].long(),
+                   [Canary(**c) for c in blob["canaries"]], blob["description"], blob["seq_len"])
