@@ -428,24 +428,29 @@ def main(argv=None) -> int:
     peaks = measure_peaks(device, timer)
     print("measured peaks: " + ", ".join(
         f"{k}={v / 1e12:.2f} T" for k, v in peaks.items()) + " (bytes/s or flop/s)", flush=True)
+    tag = (re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+           if device == "cuda" else "cpu")
+    path = os.path.join(args.out, f"kernels-{_dt.date.today().isoformat()}-{tag}.json")
+
+    def result_of(rows):
+        return dict(environment=environment(device), peaks=peaks, mode="cpu" if args.cpu else
+                    ("dry-run" if args.dry_run else "gpu"), wall_s=time.time() - start,
+                    complete=len(rows) == len(cases), cases=rows)
+
     rows = []
     for case in cases:
         rows.append(run_case(case, device, backends, timer, peaks))
         print(f"  {case.op} {case.label}: done ({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
+        if not args.dry_run:  # rewritten after every case, so a run cut short keeps its rows
+            os.makedirs(args.out, exist_ok=True)
+            with open(path, "w") as fh:
+                json.dump(result_of(rows), fh, indent=1)
     print()
     print_table(rows, fast)
-
-    result = dict(environment=environment(device), peaks=peaks, mode="cpu" if args.cpu else
-                  ("dry-run" if args.dry_run else "gpu"), wall_s=time.time() - start, cases=rows)
+    result = result_of(rows)
     if args.dry_run:
         print(f"\ndry run: {len(rows)} cases in {result['wall_s']:.0f}s; nothing written")
         return 0
-    tag = (re.sub(r"[^a-z0-9]+", "-", result["environment"].get("gpu", "").lower()).strip("-")
-           if device == "cuda" else "cpu")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels-{_dt.date.today().isoformat()}-{tag}.json")
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
     print(f"\nwrote {path} ({result['wall_s']:.0f}s)")
     return 0
 

@@ -187,7 +187,7 @@ class Decoder(nn.Module):
             x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype, device=x.device)
             rope = (self.rope_cos, self.rope_sin)
         else:
-            positions = torch.arange(T, device=ids.device).unsqueeze(0).expand(B, T)
+            positions = torch.arange(T, device=ids.device).unsqueeze(0).repeat(B, 1)  # [B, T]: dim 0 is the batch
             x = x + self.embed_positions(positions)
         for block in self.blocks:
             x = block(x, rope)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# One-call GPU check (run from the repository root on the GPU machine, ~9 minutes at most):
+#   install the wheels in .whl/, build the extension, `vaultkern info`, the test suite, the
+#   kernel microbenchmark, the end-to-end benchmark; results and logs go to $OUT (or
+#   ./gpu-check-out without it), the benchmark's table is printed last.
+#
+#   bash bench/gpu_check.sh                      # all stages
+#   STAGES="setup bench" bash bench/gpu_check.sh # a subset (setup is needed on a fresh machine)
+#
+# Every stage runs under `timeout`, capped by what is left of TOTAL_S (default 570 s), while
+# keeping BENCH_MIN_S for the benchmark, so one slow stage cannot eat the others. A stage
+# that fails or times out is reported and the script goes on; the exit status is that of
+# the benchmark (1: norm cross-check failed or vaultkern/non-private errored; 124: timeout).
+set -u
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT" bench/results
+STAGES="${STAGES:-setup info tests kernels bench}"
+TOTAL_S="${TOTAL_S:-570}"
+BUILD_MAX_S="${BUILD_MAX_S:-150}"
+TESTS_MAX_S="${TESTS_MAX_S:-170}"
+KERNELS_MAX_S="${KERNELS_MAX_S:-100}"
+BENCH_MAX_S="${BENCH_MAX_S:-240}"
+BENCH_MIN_S="${BENCH_MIN_S:-150}"
+START=$(date +%s)
+SUMMARY="$OUT/stages.txt"
+: > "$SUMMARY"
+STARTED="$OUT/.started"   # results newer than this are this run's
+touch "$STARTED"
+
+has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# seconds a stage may take: its cap, but never eating the time kept for the benchmark
+allowance() {
+  local cap=$1 reserve=$2 left
+  left=$(( TOTAL_S - ($(date +%s) - START) - reserve ))
+  (( left < cap )) && cap=$left
+  (( cap < 0 )) && cap=0
+  echo "$cap"
+}
+
+# run_stage NAME CAP RESERVE CMD...: logs to $OUT/NAME.log, records rc and seconds
+run_stage() {
+  local name=$1 cap=$2 reserve=$3; shift 3
+  local limit t0 rc
+  limit=$(allowance "$cap" "$reserve")
+  if (( limit < 10 )); then
+    echo "$name: skipped (no time left)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  local msg="$name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
+  (( rc == 124 )) && msg="$msg TIMED OUT"
+  echo "$msg" | tee -a "$SUMMARY"
+  return $rc
+}
+
+reserve_for_bench=0
+has_stage bench && reserve_for_bench=$BENCH_MIN_S
+
+if has_stage setup; then
+  # wheels for this Python (opacus, dp-accounting, ...) into /tmp/site
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    run_stage wheels 60 "$reserve_for_bench" \
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  fi
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if has_stage setup; then
+  # builds vaultkern._C with CUDA (the same pip command the Makefile runs; make keeps a
+  # stamp so `make test` below does not rebuild)
+  run_stage build "$BUILD_MAX_S" "$reserve_for_bench" make build SYSTEM_PYTHON=1
+fi
+if has_stage info; then
+  run_stage info 60 "$reserve_for_bench" python3 -m vaultkern info
+  cat "$OUT/info.log"
+fi
+if has_stage tests; then
+  # VAULTKERN_AUTOTUNE=0: one Triton config per kernel, no timing runs at every new test shape
+  run_stage tests "$TESTS_MAX_S" "$reserve_for_bench" \
+    env VAULTKERN_AUTOTUNE=0 make test SYSTEM_PYTHON=1 \
+    PYTEST_ARGS="-p no:cacheprovider -o faulthandler_timeout=60 --ignore=tests/test_cpp_extension.py"
+  tail -n 5 "$OUT/tests.log"
+  # the C++ extension's tests apart: a crash of the extension must not hide the rest
+  run_stage cpptests 40 "$reserve_for_bench" \
+    python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cpp_extension.py
+  tail -n 5 "$OUT/cpptests.log"
+fi
+if has_stage kernels; then
+  if [[ -f bench/kernels.py ]]; then
+    run_stage kernels "$KERNELS_MAX_S" "$reserve_for_bench" python3 bench/kernels.py --out bench/results
+    tail -n 30 "$OUT/kernels.log"
+  else
+    echo "kernels: skipped (bench/kernels.py not present)" | tee -a "$SUMMARY"
+  fi
+fi
+
+bench_rc=0
+if has_stage bench; then
+  budget=$(( $(allowance "$BENCH_MAX_S" 0) - 30 ))
+  (( budget < 10 )) && budget=10
+  # the harness starts no new configuration, phase or probe once its budget (30 s short of
+  # the hard limit) is spent, and rewrites its results files after every configuration, so
+  # a run cut short keeps what it measured
+  run_stage bench "$BENCH_MAX_S" 0 \
+    python3 -m vaultkern bench --size gpu --out bench/results --time-budget "$budget"
+  bench_rc=$?
+fi
+
+# results written by this run (bench/results also holds earlier, committed ones)
+find bench/results -maxdepth 1 -type f -newer "$STARTED" -exec cp {} "$OUT/" \;
+echo
+echo "== stages =="
+cat "$SUMMARY"
+if has_stage bench; then
+  echo
+  echo "== end-to-end benchmark (bench/results/*-gpu.md) =="
+  latest=$(find bench/results -maxdepth 1 -name '*-gpu.md' -newer "$STARTED" | head -n 1)
+  if [[ -n "$latest" ]]; then
+    # the tables without the long preamble
+    sed -n '/^| config/,$p' "$latest"
+  else
+    echo "no benchmark results written; see $OUT/bench.log:"
+    tail -n 30 "$OUT/bench.log"
+  fi
+fi
+exit $bench_rc
