@@ -71,8 +71,11 @@ class Op:
     ``backend=`` to force one for a single call (used by tests and benches).
     """
 
-    def __init__(self, name: str, doc: str = ""):
+    def __init__(self, name: str, doc: str = "", cuda_default: str = "triton"):
         self.name = name
+        # Backend for CUDA tensors when none is forced: triton, unless measurements showed
+        # the torch reference (cuBLAS) to be faster for this op (see bench/NOTES.md).
+        self.cuda_default = cuda_default
         self.__doc__ = doc
         self.impls: Dict[str, Callable] = {}
         self._cpp_name: Optional[str] = None
@@ -109,8 +112,8 @@ class Op:
         forced = forced_backend()
         if forced is not None:
             return forced if self.available(forced) else "torch"
-        if tensor.is_cuda and self.available("triton"):
-            return "triton"
+        if tensor.is_cuda and self.available(self.cuda_default):
+            return self.cuda_default
         if tensor.device.type == "cpu" and self.available("cpp"):
             return "cpp"
         return "torch"
@@ -130,8 +133,8 @@ class Op:
 ALL_OPS: Dict[str, Op] = {}
 
 
-def define_op(name: str, doc: str = "") -> Op:
-    op = Op(name, doc)
+def define_op(name: str, doc: str = "", cuda_default: str = "triton") -> Op:
+    op = Op(name, doc, cuda_default)
     ALL_OPS[name] = op
     return op
 

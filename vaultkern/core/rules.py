@@ -196,6 +196,14 @@ def rms_norm_hat(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, module.normalized_shape, None, module.eps)
 
 
+def layer_norm_forward(module: nn.LayerNorm, x, weight, bias):
+    return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+
+
+def rms_norm_forward(module: nn.Module, x, weight, bias):
+    return F.rms_norm(x, module.normalized_shape, weight, module.eps)
+
+
 class AffineNormRule(LayerRule):
     """Norm layers y = x̂ ∘ (c + weight) + bias, x̂ from ``normalize(module, x)``.
 
@@ -208,9 +216,14 @@ class AffineNormRule(LayerRule):
     name = "norm"
 
     def __init__(self, normalize: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                 normalized_shape: Callable[[nn.Module], Tuple[int, ...]] = None):
+                 normalized_shape: Callable[[nn.Module], Tuple[int, ...]] = None,
+                 functional: Optional[Callable] = None):
+        """normalize(module, x) -> x̂; functional(module, x, weight, bias) -> y (optional:
+        the module's forward with the given parameters; without it the module's own
+        forward runs on detached parameters through torch.func.functional_call)."""
         self.normalize = normalize
         self.normalized_shape = normalized_shape or (lambda m: tuple(m.weight.shape))
+        self.functional = functional
 
     def forward(self, site: LayerSite, x, *args, **kwargs):
         site.check_batch(x)
@@ -218,8 +231,12 @@ class AffineNormRule(LayerRule):
         params = {n: p for n, p in (("weight", getattr(m, "weight", None)), ("bias", getattr(m, "bias", None)))
                   if site.trainable(p)}
         detached = {n: p.detach() for n, p in params.items()}
-        with site.bypass():
-            out = torch.func.functional_call(m, detached, (x,) + args, kwargs)
+        if self.functional is not None and not args and not kwargs:
+            weight = detached.get("weight", getattr(m, "weight", None))
+            out = self.functional(m, x, weight, detached.get("bias", getattr(m, "bias", None)))
+        else:
+            with site.bypass():
+                out = torch.func.functional_call(m, detached, (x,) + args, kwargs)
 
         def on_backward(x_saved, g, forward_id):
             B = x_saved.shape[0]
@@ -275,9 +292,9 @@ def rule_for(module: nn.Module, path: str) -> Optional[LayerRule]:
 def _register_builtins() -> None:
     register_rule(nn.Linear, LinearRule())
     register_rule(nn.Embedding, EmbeddingRule())
-    register_rule(nn.LayerNorm, AffineNormRule(layer_norm_hat))
+    register_rule(nn.LayerNorm, AffineNormRule(layer_norm_hat, functional=layer_norm_forward))
     if hasattr(nn, "RMSNorm"):
-        register_rule(nn.RMSNorm, AffineNormRule(rms_norm_hat))
+        register_rule(nn.RMSNorm, AffineNormRule(rms_norm_hat, functional=rms_norm_forward))
     # MultiheadAttention reads its out_proj weights directly: treat it as one unit.
     register_rule(nn.MultiheadAttention, GenericRule(covers_subtree=True))
 

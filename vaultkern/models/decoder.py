@@ -50,8 +50,15 @@ def _gemma_rms_hat(module: GemmaRMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), None, module.eps)
 
 
+def _gemma_rms_forward(module: GemmaRMSNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """GemmaRMSNorm.forward with the given weight (the same expression, bit for bit)."""
+    x32 = x.float()
+    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.eps)
+    return (x_hat * (1.0 + weight.float())).to(x.dtype)
+
+
 # Exact per-example gradients of the norm weight without the generic torch.func path.
-register_rule(GemmaRMSNorm, AffineNormRule(_gemma_rms_hat))
+register_rule(GemmaRMSNorm, AffineNormRule(_gemma_rms_hat, functional=_gemma_rms_forward))
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float):

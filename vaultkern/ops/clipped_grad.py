@@ -21,7 +21,10 @@ import torch
 
 from vaultkern.backend import acc_dtype, define_op
 
-clipped_linear_grad = define_op("clipped_linear_grad", __doc__)
+# On an H100 the Triton matmul below reached 0.36-0.59x of cuBLAS for decoder shapes
+# (bench/results/kernels-2026-11-22-nvidia-h100-80gb-hbm3.json), so CUDA tensors use the
+# torch path (cuBLAS, clip folded into a scaled copy of `left`) unless triton is forced.
+clipped_linear_grad = define_op("clipped_linear_grad", __doc__, cuda_default="torch")
 clipped_embedding_grad = define_op("clipped_embedding_grad", __doc__)
 clipped_embedding_grad.register_cpp("clipped_embedding_grad")
 
