@@ -105,12 +105,23 @@ class BookKeeper:
         batch = self._check_layout(groups)
         any64 = any(_form_dtype(u.form) == torch.float64 for _, uses in groups for u in uses)
         acc = torch.float64 if any64 else torch.float32
-        # Self terms of every use (fused across layers that share an input), then the
+        # Small parameters used once (biases, norm weights, generic modules): their
+        # per-example gradients form one [B, n] matrix, so one reduction gives all their
+        # norms and one vector-matrix product all their clipped sums.
+        small = [(p, uses[0].form) for p, uses in groups
+                 if len(uses) == 1 and isinstance(uses[0].form, grad_forms.Materialized)]
+        small_ids = {id(p) for p, _ in small}
+        rest = [(p, uses) for p, uses in groups if id(p) not in small_ids]
+        norm_sq = torch.zeros(batch, dtype=acc, device=_form_device(groups[0][1][0].form))
+        if small:
+            stacked = torch.cat([f.per_example.reshape(batch, -1).to(acc) for _, f in small], 1)
+            norm_sq += stacked.square().sum(1)
+        # Self terms of the other uses (fused across layers that share an input), then the
         # cross terms of parameters used more than once.
-        all_forms = [u.form for _, uses in groups for u in uses]
-        norm_sq, _ = grad_forms.summed_self_norms_sq(all_forms)
-        norm_sq = norm_sq.to(acc)
-        for param, uses in groups:
+        if rest:
+            self_terms, _ = grad_forms.summed_self_norms_sq([u.form for _, uses in rest for u in uses])
+            norm_sq += self_terms.to(acc)
+        for param, uses in rest:
             for i, u in enumerate(uses):
                 for v in uses[i + 1:]:
                     norm_sq += 2 * grad_forms.cross(u.form, v.form).to(acc)
@@ -127,16 +138,16 @@ class BookKeeper:
                 "written for this backward pass.")
         self.last_norms = norms.detach()
         clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
-        for param, uses in groups:
+        if small:
+            sums = (clip.to(acc) @ stacked).split([f.per_example[0].numel() for _, f in small])
+            for (param, _), total in zip(small, sums):
+                _accumulate(param, total.view(param.shape))
+        for param, uses in rest:
             total = None
             for u in uses:
                 g = grad_forms.clipped_sum(u.form, clip, param.shape)
                 total = g if total is None else total + g
-            total = total.to(param.dtype)
-            if param.grad is None:
-                param.grad = total
-            else:
-                param.grad.add_(total)
+            _accumulate(param, total)
 
     @staticmethod
     def _nonfinite_layers(groups) -> List[str]:
@@ -150,6 +161,19 @@ class BookKeeper:
                 if not all(bool(torch.isfinite(t).all()) for t in tensors):
                     bad.add(u.site.describe())
         return sorted(bad)
+
+
+def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:
+    """param.grad += total (created if None), in the parameter's dtype."""
+    total = total.to(param.dtype)
+    if param.grad is None:
+        param.grad = total
+    else:
+        param.grad.add_(total)
+
+
+def _form_device(form: GradForm) -> torch.device:
+    return form.per_example.device if isinstance(form, grad_forms.Materialized) else form.right.device
 
 
 def _form_dtype(form: GradForm) -> torch.dtype:
