@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F

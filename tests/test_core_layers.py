@@ -145,7 +145,7 @@ def test_multihead_attention_generic_subtree():
 
 
 def test_conv1d_gpt2():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(10)
     m = Conv1D(5, 7)  # nf=5 outputs, nx=7 inputs

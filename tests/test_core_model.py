@@ -1,5 +1,4 @@
 """vk.patch on small decoders and across backward calls, plus its error paths."""
-import warnings
 
 import pytest
 import torch

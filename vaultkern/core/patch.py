@@ -21,7 +21,7 @@ from torch import nn
 
 from vaultkern.core.bookkeeping import BookKeeper
 from vaultkern.core.generic import GenericRule
-from vaultkern.core.rules import LayerRule, UnsupportedModuleError, rule_for
+from vaultkern.core.rules import LayerRule, rule_for
 from vaultkern.core.site import LayerSite
 
 LOSS_REDUCTIONS = ("sum", "mean")

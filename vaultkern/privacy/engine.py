@@ -28,7 +28,6 @@ therefore needs ``allow_non_poisson=True`` and warns loudly.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Tuple
 
@@ -37,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
-from vaultkern.privacy.optimizer import DPOptimizer, _random_seed
+from vaultkern.privacy.optimizer import DPOptimizer, _random_seed, validate_dp_arguments
 from vaultkern.privacy.sampling import (
     MicroBatchLoader, expected_batch_size_of, make_poisson_loader, poisson_sampler_of)
 
@@ -97,14 +96,7 @@ class PrivacyEngine:
         """
         import vaultkern as vk
 
-        sigma = float(noise_multiplier)
-        if not (sigma >= 0 and math.isfinite(sigma)):
-            raise ValueError(f"noise_multiplier={noise_multiplier}: must be a finite number >= 0")
-        clip = float(max_grad_norm)
-        if not (clip > 0 and math.isfinite(clip)):
-            raise ValueError(f"max_grad_norm={max_grad_norm}: must be a finite number > 0")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        sigma, clip = validate_dp_arguments(noise_multiplier, max_grad_norm, loss_reduction)
         if clipping != "flat":
             raise ValueError(f"clipping={clipping!r}: vaultkern implements flat clipping only")
         if not batch_first:

@@ -48,6 +48,19 @@ from vaultkern.ops.noise import noisy_scale, secure_noisy_scale
 _STATE_KEY = "vaultkern_dp"
 
 
+def validate_dp_arguments(noise_multiplier, max_grad_norm, loss_reduction: str):
+    """(σ, C) as floats, or a ValueError naming the bad value."""
+    sigma = float(noise_multiplier)
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"noise_multiplier={noise_multiplier}: must be a finite number >= 0")
+    clip = float(max_grad_norm)
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"max_grad_norm={max_grad_norm}: must be a finite number > 0")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+    return sigma, clip
+
+
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
@@ -73,14 +86,7 @@ class DPOptimizer(Optimizer):
             raise TypeError("optimizer is already a DPOptimizer; wrap the original optimizer")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-        sigma = float(noise_multiplier)
-        if not (sigma >= 0 and math.isfinite(sigma)):
-            raise ValueError(f"noise_multiplier={noise_multiplier}: must be a finite number >= 0")
-        clip = float(max_grad_norm)
-        if not (clip > 0 and math.isfinite(clip)):
-            raise ValueError(f"max_grad_norm={max_grad_norm}: must be a finite number > 0")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        sigma, clip = validate_dp_arguments(noise_multiplier, max_grad_norm, loss_reduction)
         if loss_reduction == "mean":
             if expected_batch_size is None or not float(expected_batch_size) > 0:
                 raise ValueError(
