@@ -79,6 +79,7 @@ class Op:
         self.__doc__ = doc
         self.impls: Dict[str, Callable] = {}
         self._cpp_name: Optional[str] = None
+        self._chosen: Dict[str, str] = {}
 
     def register(self, backend: str) -> Callable[[Callable], Callable]:
         if backend not in BACKENDS:
@@ -86,6 +87,7 @@ class Op:
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = fn
+            self._chosen.clear()
             return fn
         return deco
 
@@ -112,11 +114,17 @@ class Op:
         forced = forced_backend()
         if forced is not None:
             return forced if self.available(forced) else "torch"
-        if tensor.is_cuda and self.available(self.cuda_default):
-            return self.cuda_default
-        if tensor.device.type == "cpu" and self.available("cpp"):
-            return "cpp"
-        return "torch"
+        device_type = tensor.device.type
+        chosen = self._chosen.get(device_type)
+        if chosen is None:  # availability does not change within a process
+            if device_type == "cuda" and self.available(self.cuda_default):
+                chosen = self.cuda_default
+            elif device_type == "cpu" and self.available("cpp"):
+                chosen = "cpp"
+            else:
+                chosen = "torch"
+            self._chosen[device_type] = chosen
+        return chosen
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)

@@ -165,7 +165,8 @@ class BookKeeper:
 
 def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:
     """param.grad += total (created if None), in the parameter's dtype."""
-    total = total.to(param.dtype)
+    if total.dtype != param.dtype:
+        total = total.to(param.dtype)
     if param.grad is None:
         param.grad = total
     else:

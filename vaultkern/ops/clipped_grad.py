@@ -22,8 +22,8 @@ import torch
 from vaultkern.backend import acc_dtype, define_op
 
 # On an H100 the Triton matmul below reached 0.36-0.59x of cuBLAS for decoder shapes
-# (bench/results/kernels-2026-11-22-nvidia-h100-80gb-hbm3.json), so CUDA tensors use the
-# torch path (cuBLAS, clip folded into a scaled copy of `left`) unless triton is forced.
+# (bench/results/kernels-2026-11-22-nvidia-h100-80gb-hbm3.txt), so CUDA tensors use the
+# torch path (cuBLAS on a scaled copy of the narrower factor) unless triton is forced.
 clipped_linear_grad = define_op("clipped_linear_grad", __doc__, cuda_default="torch")
 clipped_embedding_grad = define_op("clipped_embedding_grad", __doc__)
 clipped_embedding_grad.register_cpp("clipped_embedding_grad")
@@ -33,9 +33,20 @@ clipped_embedding_grad.register_cpp("clipped_embedding_grad")
 def clipped_linear_grad_torch(left, right, clip) -> torch.Tensor:
     low = left.dtype in (torch.float16, torch.bfloat16) and right.dtype == left.dtype
     dtype = left.dtype if low else acc_dtype(left)
-    scaled = left.to(dtype) * clip.to(dtype).view(-1, *([1] * (left.dim() - 1)))
-    out = scaled.reshape(-1, left.shape[-1]).t() @ right.to(dtype).reshape(-1, right.shape[-1])
-    return out.to(acc_dtype(left))
+    left, right = _as(left, dtype), _as(right, dtype)
+    scale = _as(clip, dtype).view(-1, *([1] * (left.dim() - 1)))
+    # Σ_i c_i L_iᵀ R_i: fold c into whichever factor is narrower (the smaller copy; for an
+    # LM head that is the d-wide input, not the V-wide output gradient).
+    if left.shape[-1] <= right.shape[-1]:
+        left = left * scale
+    else:
+        right = right * scale
+    out = left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])
+    return _as(out, acc_dtype(left))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @clipped_embedding_grad.register("torch")
