@@ -129,6 +129,20 @@ class BookKeeper:
         # "mean": the loss was averaged over the batch, per-example grads are B·(what we saw).
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         norms = norm_sq.clamp(min=0).sqrt() * scale
+        clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        # Every clipped sum is queued before the one host-device synchronisation below (the
+        # finiteness check), so on a GPU the host never waits in the middle of the work.
+        # Nothing is written to p.grad before that check passes.
+        totals: List[Tuple[nn.Parameter, torch.Tensor]] = []
+        if small:
+            sums = (clip.to(acc) @ stacked).split([f.per_example[0].numel() for _, f in small])
+            totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
+        for param, uses in rest:
+            total = None
+            for u in uses:
+                g = grad_forms.clipped_sum(u.form, clip, param.shape)
+                total = g if total is None else total + g
+            totals.append((param, total))
         if not torch.isfinite(norms).all():
             bad_rows = (~torch.isfinite(norms)).nonzero().flatten().tolist()[:10]
             bad_params = self._nonfinite_layers(groups)
@@ -137,16 +151,7 @@ class BookKeeper:
                 f"(layers: {', '.join(bad_params[:5])}); is the loss NaN/inf? No gradient was "
                 "written for this backward pass.")
         self.last_norms = norms.detach()
-        clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
-        if small:
-            sums = (clip.to(acc) @ stacked).split([f.per_example[0].numel() for _, f in small])
-            for (param, _), total in zip(small, sums):
-                _accumulate(param, total.view(param.shape))
-        for param, uses in rest:
-            total = None
-            for u in uses:
-                g = grad_forms.clipped_sum(u.form, clip, param.shape)
-                total = g if total is None else total + g
+        for param, total in totals:
             _accumulate(param, total)
 
     @staticmethod

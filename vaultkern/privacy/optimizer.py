@@ -179,18 +179,24 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.zero_grad(set_to_none)
 
     def check_gradients(self) -> None:
-        """Raise if any gradient is sparse or not finite (nothing is modified)."""
-        for index, p in enumerate(self.params):
-            if p.grad is None:
-                continue
+        """Raise if any gradient is sparse or not finite (nothing is modified).
+
+        One host-device synchronisation for all parameters (not one per parameter)."""
+        with_grad = [(index, p) for index, p in enumerate(self.params) if p.grad is not None]
+        for index, p in with_grad:
             if p.grad.is_sparse:
                 raise ValueError(
                     f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
                     "DPOptimizer needs dense gradients (use nn.Embedding(sparse=False))")
-            if not bool(torch.isfinite(p.grad).all()):
-                raise FloatingPointError(
-                    f"non-finite gradient (NaN or inf) in parameter {index} of shape "
-                    f"{tuple(p.shape)}; optimizer step not taken, parameters unchanged")
+        if not with_grad:
+            return
+        device = with_grad[0][1].grad.device
+        finite = torch.stack([torch.isfinite(p.grad).all().to(device) for _, p in with_grad])
+        if not bool(finite.all()):
+            index, p = with_grad[int((~finite).nonzero()[0])]
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or inf) in parameter {index} of shape "
+                f"{tuple(p.shape)}; optimizer step not taken, parameters unchanged")
 
     def add_noise(self) -> None:
         """p.grad <- (p.grad + σC·ξ)·s for every trainable p (None -> zeros)."""
