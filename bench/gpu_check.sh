@@ -111,8 +111,6 @@ if has_stage bench; then
   bench_rc=$?
 fi
 
-# results written by this run (bench/results also holds earlier, committed ones)
-find bench/results -maxdepth 1 -type f -newer "$STARTED" -exec cp {} "$OUT/" \;
 echo
 echo "== stages =="
 cat "$SUMMARY"
@@ -128,4 +126,10 @@ if has_stage bench; then
     tail -n 30 "$OUT/bench.log"
   fi
 fi
+# results written by this run (bench/results also holds earlier, committed ones), and all
+# logs, in one archive: the device tool returns at most 8 files per call, and a run that
+# returned its logs one by one once lost the kernel benchmark's JSON that way.
+tar -czf "$OUT/gpu-check.tar.gz" "$OUT"/*.log "$SUMMARY" \
+  $(find bench/results -maxdepth 1 -type f -newer "$STARTED") 2>/dev/null
+find "$OUT" -maxdepth 1 -name '*.log' -delete
 exit $bench_rc
