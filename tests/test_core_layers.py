@@ -228,3 +228,22 @@ def test_layers_sharing_an_input_fuse_and_stay_exact():
     assert len(calls) == 1 and len(calls[0]) == 3
     separate = sum(grad_forms.self_norm_sq(f) for f in forms)
     assert rel_err(total, separate) <= 1e-12
+
+
+def test_huggingface_gpt2_lm_head_model():
+    """transformers' GPT2LMHeadModel (Conv1D layers, tied LM head) end to end."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(15)
+    cfg = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    def loss_fn(m, batch):
+        ids = batch[0]
+        B, T = ids.shape[0], ids.shape[1] - 1
+        positions = torch.arange(T).repeat(B, 1)  # [B, T]: dim 0 is the batch
+        logits = m(input_ids=ids[:, :-1], position_ids=positions).logits
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
+    check(model, (torch.randint(0, 37, (3, 7)),), loss_fn, C=0.5)
