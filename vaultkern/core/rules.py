@@ -17,6 +17,7 @@ Register a rule for your own class with :func:`register_rule`.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
@@ -98,7 +99,7 @@ class LinearRule(LayerRule):
         module = site.module
         site.check_batch(x)
         cast, x, (w, b) = _autocast_inputs(x, module.weight, module.bias)
-        with torch.autocast(x.device.type, enabled=False) if cast else _null():
+        with torch.autocast(x.device.type, enabled=False) if cast else contextlib.nullcontext():
             return _LinearFn.apply(x, w, b, site, self.transposed, self.mode, site.forward_id())
 
 
@@ -107,14 +108,6 @@ class Conv1DRule(LinearRule):
 
     name = "conv1d"
     transposed = True
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- Embedding ------------------------------------------------------------------------
