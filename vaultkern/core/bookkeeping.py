@@ -77,15 +77,15 @@ class BookKeeper:
             groups.clear()
 
     def _check_layout(self, groups) -> int:
-        batch_of: Dict[str, int] = {}
+        batch_of: Dict[LayerSite, int] = {}
         forward_ids = set()
         for _, uses in groups:
             for u in uses:
-                batch_of.setdefault(u.site.describe(), u.form.batch)
+                batch_of.setdefault(u.site, u.form.batch)
                 forward_ids.add(u.forward_id)
         sizes = set(batch_of.values())
         if len(sizes) > 1:
-            listing = ", ".join(f"{k}: {v}" for k, v in batch_of.items())
+            listing = ", ".join(f"{site.describe()}: {v}" for site, v in batch_of.items())
             raise BatchLayoutError(
                 "vaultkern: layers of one backward pass disagree on the batch size (dim 0 of "
                 f"their inputs must index examples): {listing}. A common cause is an input shared "
