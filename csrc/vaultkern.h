@@ -11,6 +11,12 @@
 
 #include "chacha20.h"
 
+// Argument checks that throw (TORCH_CHECK) are forced inline into the exported function.
+// On the GPU machine (torch 2.11+cu130, g++ 13.3), a c10::Error thrown from a separate
+// helper frame of this extension crashed the process (SIGSEGV) while the same check written
+// in the exported function raised RuntimeError; inlining removes the helper frame.
+#define VK_CHECK_INLINE inline __attribute__((always_inline))
+
 namespace vaultkern {
 
 // ---- per-example norms and clipped gradients (norms.cpp) -------------------
