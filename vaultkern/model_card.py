@@ -64,6 +64,7 @@ def render_markdown(card: dict) -> str:
         ("steps accounted", p.get("steps")),
         ("accountant", p.get("accountant")),
         ("secure noise generator", p.get("secure_mode")),
+        ("noise and sampling randomness", p.get("dp_randomness")),
         ("rejected (non-finite) steps, still accounted", p.get("rejected_steps")),
     ])
     out += ["", "What the guarantee does **not** cover: the run directory's `data.pt` (a copy of the "
@@ -145,6 +146,10 @@ def training_card(args, cfg, num_parameters: int, data, plan: dict, summary: dic
             "steps": summary["step"] if dp else None,
             "accountant": f"{args.accountant} (dp-accounting)" if dp else None,
             "secure_mode": bool(args.secure_mode) if dp else None,
+            "dp_randomness": (None if not dp else "os.urandom (ChaCha20 noise)" if args.secure_mode
+                              else "fixed --dp-seed: NOT private against anyone who knows it"
+                              if getattr(args, "dp_seed", None) is not None
+                              else "seeded from os.urandom, seed kept only in the checkpoint"),
             "rejected_steps": summary["rejected_steps"],
             "budget_note": plan["budget_note"] or None,
         },

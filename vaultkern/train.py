@@ -109,7 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run directory (default runs/<config>-<dp|nodp>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint with its saved settings")
-    g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation, sampling, noise")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the built-in data, the held-out split and the initialisation "
+                        "(public: the model card records it)")
+    g.add_argument("--dp-seed", type=int, default=None,
+                   help="seed of the DP randomness (Poisson sampling and noise). Default: fresh "
+                        "from os.urandom, kept only in the private checkpoint so --resume "
+                        "continues the same streams. A fixed value makes the run reproducible and "
+                        "NOT private against anyone who knows it: for experiments only")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--checkpoint-every", type=int, default=100,
                    help="write ckpt.pt every N steps (also at the end and on Ctrl-C)")
@@ -375,6 +382,15 @@ class StopRequest:
 
 # --- the run --------------------------------------------------------------------------------
 
+def _urandom_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+def _sampler_seed(dp_seed: int) -> int:
+    """The Poisson sampler's seed: a different stream from the noise's, from the same secret."""
+    return (dp_seed * 6364136223846793005 + 1442695040888963407) & ((1 << 63) - 1)
+
+
 def resolve_args(args, parser) -> argparse.Namespace:
     """With --resume: the saved run's settings (explicit conflicting flags are an error)."""
     if args.out is None:
@@ -480,14 +496,23 @@ class TrainingRun:
         from vaultkern.privacy import Accountant, DPOptimizer, PoissonBatchSampler
         vk.patch(self.model, max_grad_norm=args.max_grad_norm, loss_reduction="sum")
         # per-sequence losses are summed for backward; the optimizer divides the noisy sum by B̄
+        # The DP randomness must be unpredictable to anyone outside the run: knowing the noise
+        # seed removes the noise, knowing the sampler seed removes the privacy amplification of
+        # sampling. So it never derives from the public --seed; without --dp-seed it comes from
+        # os.urandom and lives only in the (private) checkpoint.
+        dp_seed = args.dp_seed if args.dp_seed is not None else _urandom_seed()
+        if args.dp_seed is not None and not args.secure_mode:
+            print(f"warning: --dp-seed fixes the DP noise and sampling; the run is reproducible "
+                  "but not private against anyone who knows the seed", file=sys.stderr)
         self.stepper = DPOptimizer(self.optimizer, noise_multiplier=plan.noise_multiplier,
                                    max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
                                    loss_reduction="mean", secure_mode=args.secure_mode,
-                                   seed=None if args.secure_mode else args.seed)
+                                   seed=None if args.secure_mode else dp_seed)
         # secure mode also draws the Poisson decisions from os.urandom (not replayable)
         self.sampler = PoissonBatchSampler(
             len(self.rows), plan.sample_rate, plan.steps, secure=args.secure_mode,
-            generator=None if args.secure_mode else torch.Generator().manual_seed(args.seed))
+            generator=None if args.secure_mode else torch.Generator().manual_seed(
+                _sampler_seed(dp_seed)))
         self.accountant = Accountant(args.accountant)
 
     def _restore(self, ckpt: dict) -> None:
