@@ -185,10 +185,15 @@ def test_nonfinite_loss_writes_nothing(bad):
     vk.unpatch(model)
 
 
-def test_empty_batch_is_a_clear_error():
+def test_empty_batch_is_a_clear_error_unless_allowed():
     model = vk.patch(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="empty batch.*optimizer.step"):
         model(torch.randn(0, 3))
+    vk.unpatch(model)
+    model = vk.patch(TinyDecoder(), allow_empty_batch=True)
+    lm_loss(model, (torch.zeros(0, 9, dtype=torch.long),)).sum().backward()
+    assert vk.last_norms(model).shape == (0,)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     vk.unpatch(model)
 
 

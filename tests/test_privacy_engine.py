@@ -117,6 +117,29 @@ def test_empty_poisson_batches_still_step_with_noise():
         assert (p != p0).all()  # noise reached every parameter
 
 
+def test_unchanged_opacus_loop_survives_empty_batches():
+    """The Opacus-style loop with no empty-batch check: a 0-row batch goes through forward and
+    backward (adding nothing) and the step is noise only, as with Opacus."""
+    model = fresh_model()
+    eng = engine()
+    model, optimizer, loader = eng.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(dataset(), batch_size=1), noise_multiplier=1.0,
+        max_grad_norm=1.0, seed=0)
+    loader.batch_sampler.sample_rate = 1e-12  # every batch empty
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    before = [p.detach().clone() for p in model.parameters()]
+    for ids, y in loader:
+        assert ids.shape[0] == 0
+        criterion(model(ids), y).backward()
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert eng.accountant.total_steps == N
+    for p, p0 in zip(model.parameters(), before):
+        assert (p != p0).all()  # noise reached every parameter
+
+
 def run_resumable(model, seed, state=None, steps=3):
     eng = engine()
     model, optimizer, loader = eng.make_private(

@@ -44,10 +44,12 @@ class _Use:
 class BookKeeper:
     """Per patched model: collects gradient forms during backward, clips at its end."""
 
-    def __init__(self, max_grad_norm: float, loss_reduction: str, allow_multiple_forwards: bool = False):
+    def __init__(self, max_grad_norm: float, loss_reduction: str, allow_multiple_forwards: bool = False,
+                 allow_empty_batch: bool = False):
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.allow_multiple_forwards = allow_multiple_forwards
+        self.allow_empty_batch = allow_empty_batch
         self.forward_id = 0
         self.last_norms: Optional[torch.Tensor] = None
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
@@ -114,7 +116,7 @@ class BookKeeper:
         rest = [(p, uses) for p, uses in groups if id(p) not in small_ids]
         norm_sq = torch.zeros(batch, dtype=acc, device=_form_device(groups[0][1][0].form))
         if small:
-            stacked = torch.cat([f.per_example.reshape(batch, -1).to(acc) for _, f in small], 1)
+            stacked = torch.cat([f.per_example.reshape(batch, p.numel()).to(acc) for p, f in small], 1)
             norm_sq += stacked.square().sum(1)
         # Self terms of the other uses (fused across layers that share an input), then the
         # cross terms of parameters used more than once.
@@ -135,7 +137,7 @@ class BookKeeper:
         # Nothing is written to p.grad before that check passes.
         totals: List[Tuple[nn.Parameter, torch.Tensor]] = []
         if small:
-            sums = (clip.to(acc) @ stacked).split([f.per_example[0].numel() for _, f in small])
+            sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
             totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
         for param, uses in rest:
             total = None

@@ -104,8 +104,8 @@ def _guard_hook(name: str):
 
 
 def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "sum", *,
-          allow_multiple_forwards: bool = False, rules: Optional[Dict[str, LayerRule]] = None
-          ) -> nn.Module:
+          allow_multiple_forwards: bool = False, allow_empty_batch: bool = False,
+          rules: Optional[Dict[str, LayerRule]] = None) -> nn.Module:
     """Patch ``model`` in place for per-example clipping; returns the model.
 
     max_grad_norm: C, the clipping bound on each example's gradient norm over all
@@ -116,6 +116,9 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
         per-example losses, the Opacus convention).
     allow_multiple_forwards: accept one backward over several forwards, treating
         row i of every forward as the same example.
+    allow_empty_batch: accept 0-row batches (an empty Poisson batch): backward then adds
+        nothing to ``p.grad`` and the optimizer step adds noise only. Off by default, so an
+        accidentally empty batch is an error; the PrivacyEngine turns it on, as Opacus does.
     rules: per-module-path rule overrides, e.g. {"lm_head": LinearRule(mode="direct")}.
     """
     if getattr(model, "_vaultkern", None) is not None:
@@ -126,7 +129,7 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
         raise ValueError(f"vaultkern: loss_reduction must be one of {LOSS_REDUCTIONS}, "
                          f"got {loss_reduction!r}")
     plan = _plan(model, rules)
-    bookkeeper = BookKeeper(max_grad_norm, loss_reduction, allow_multiple_forwards)
+    bookkeeper = BookKeeper(max_grad_norm, loss_reduction, allow_multiple_forwards, allow_empty_batch)
     state = _PatchState(bookkeeper)
     for path, module, rule in plan:
         if "forward" in module.__dict__:

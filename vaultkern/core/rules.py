@@ -18,6 +18,7 @@ Register a rule for your own class with :func:`register_rule`.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
@@ -43,9 +44,14 @@ def _autocast_inputs(x: torch.Tensor, *tensors):
     return False, x, tensors
 
 
+def _positions(t: torch.Tensor, trailing: int = 1) -> int:
+    """Product of the dims between the batch dim and the last ``trailing`` dims."""
+    return math.prod(t.shape[1:t.dim() - trailing])
+
+
 def _as_btf(t: torch.Tensor, batch: int) -> torch.Tensor:
     """[B, ..., f] -> [B, T, f] (T = product of the middle dims; 1 for 2-D inputs)."""
-    return t.reshape(batch, -1, t.shape[-1])
+    return t.reshape(batch, _positions(t), t.shape[-1])
 
 
 # --- Linear and GPT-2 Conv1D ---------------------------------------------------------------
@@ -124,7 +130,7 @@ class _EmbeddingFn(torch.autograd.Function):
     def backward(ctx, gy):
         (ids,) = ctx.saved_tensors
         B = ids.shape[0]
-        rows = ids.reshape(B, -1)
+        rows = ids.reshape(B, _positions(ids, 0))
         if ctx.padding_idx is not None:  # the padding row receives no gradient
             rows = rows.masked_fill(rows == ctx.padding_idx, -1)
         site = ctx.site
@@ -235,7 +241,7 @@ class AffineNormRule(LayerRule):
             B = x_saved.shape[0]
             k = len(self.normalized_shape(m))
             acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-            gg = g.to(acc).reshape(B, -1, *g.shape[g.dim() - k:])
+            gg = g.to(acc).reshape(B, _positions(g, k), *g.shape[g.dim() - k:])
             forms = {}
             if "weight" in params:
                 xhat = self.normalize(m, x_saved.to(acc)).reshape(gg.shape)

@@ -48,10 +48,11 @@ class LayerSite:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise ValueError(f"vaultkern: {what} of {self.describe()} has no batch dimension "
                              f"(shape {tuple(getattr(x, 'shape', ()))}); dim 0 must index examples")
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and not self.bookkeeper.allow_empty_batch:
             raise ValueError(
                 f"vaultkern: empty batch: {what} of {self.describe()} has 0 rows. For an empty "
-                "Poisson batch skip forward/backward and call optimizer.step() (noise only).")
+                "Poisson batch skip forward/backward and call optimizer.step() (noise only), "
+                "or patch with allow_empty_batch=True.")
         return x.shape[0]
 
     def trainable(self, param) -> bool:

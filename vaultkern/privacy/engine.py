@@ -137,7 +137,9 @@ class PrivacyEngine:
 
         if seed is None and not self.secure_mode:
             seed = _random_seed()
-        module = vk.patch(module, max_grad_norm=clip, loss_reduction=loss_reduction)
+        # empty Poisson batches go through the user's loop unchanged (noise-only steps)
+        module = vk.patch(module, max_grad_norm=clip, loss_reduction=loss_reduction,
+                          allow_empty_batch=True)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip,
                                    expected_batch_size=expected_batch,
                                    loss_reduction=loss_reduction, secure_mode=self.secure_mode,
