@@ -5,6 +5,7 @@ set before triton decorates any kernel, i.e. before vaultkern.ops is imported.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,14 @@ else:
     # Compiled kernels: time only each kernel's first autotune candidate (every candidate is
     # still run and checked by tests/test_triton_ops.py::test_every_block_config).
     os.environ.setdefault("VAULTKERN_AUTOTUNE", "0")
+
+
+@pytest.fixture(scope="session")
+def C():
+    """The compiled extension vaultkern._C. CI builds it, so a missing one fails, not skips."""
+    try:
+        from vaultkern import _C
+    except ImportError as exc:
+        pytest.fail(f"vaultkern._C is not built ({exc}); build it with "
+                    "`pip install --no-build-isolation -e .`", pytrace=False)
+    return _C

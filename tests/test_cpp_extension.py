@@ -19,23 +19,11 @@ from vaultkern.ops.embedding_norm import embedding_norm_sq_torch
 from vaultkern.ops.linear_cross import linear_cross_torch
 from vaultkern.ops.linear_norm import linear_norm_sq_torch
 
-try:
-    from vaultkern import _C
-    _IMPORT_ERROR = None
-except ImportError as exc:  # reported by the fixture below as a failure
-    _C, _IMPORT_ERROR = None, exc
 
 KERNELS = ("linear_norm_sq", "linear_cross", "embedding_norm_sq", "embedding_linear_cross",
            "clipped_embedding_grad")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-5}
 
-
-@pytest.fixture(scope="module")
-def C():
-    if _C is None:
-        pytest.fail(f"vaultkern._C is not built ({_IMPORT_ERROR}); build it with "
-                    "`pip install --no-build-isolation -e .`", pytrace=False)
-    return _C
 
 
 def kernel(ext, name):
