@@ -94,16 +94,30 @@ class Provider:
 
     def __init__(self, model: nn.Module, settings: StepSettings, batch_size: int):
         self.model = model
+        self.module = model  # what the step calls (Opacus providers: their wrapped module)
         self.settings = settings
         self.batch_size = batch_size
+        self.optimizer = None  # set by each provider
 
     def autocast(self, device_type: str):
         if self.settings.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.settings.autocast_dtype)
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch loss: the mean over examples of their mean token cross-entropy."""
+        return example_losses(self.module(x), y).mean()
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.autocast(x.device.type):
+            loss = self.loss(x, y)
+        loss.backward()
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        raise NotImplementedError
+        """forward + loss + backward + optimizer step + zero_grad."""
+        self.backward(x, y)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def per_example_norms(self) -> torch.Tensor:
         """[B] gradient norms of the last backward (DP providers that expose them)."""
@@ -116,13 +130,6 @@ class NonDP(Provider):
     def __init__(self, model, settings, batch_size):
         super().__init__(model, settings, batch_size)
         self.optimizer = make_optimizer(model.parameters(), settings)
-
-    def step(self, x, y):
-        with self.autocast(x.device.type):
-            loss = example_losses(self.model(x), y).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 class VaultKern(Provider):
@@ -139,16 +146,6 @@ class VaultKern(Provider):
                                      max_grad_norm=settings.max_grad_norm,
                                      expected_batch_size=batch_size, loss_reduction="mean",
                                      seed=settings.seed)
-
-    def backward(self, x, y):
-        with self.autocast(x.device.type):
-            loss = example_losses(self.model(x), y).mean()
-        loss.backward()
-
-    def step(self, x, y):
-        self.backward(x, y)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def per_example_norms(self):
         norms = self._vk.last_norms(self.model)
@@ -182,16 +179,6 @@ class OpacusHooks(Provider):
         self.module, self.optimizer, _ = _make_private(model, settings, batch_size,
                                                        grad_sample_mode="hooks")
 
-    def backward(self, x, y):
-        with self.autocast(x.device.type):
-            loss = example_losses(self.module(x), y).mean()
-        loss.backward()
-
-    def step(self, x, y):
-        self.backward(x, y)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def per_example_norms(self):
         """Norms over all trainable parameters jointly of Opacus' materialised grad samples."""
         squares = None
@@ -218,12 +205,10 @@ class OpacusGhost(Provider):
             model, settings, batch_size, grad_sample_mode="ghost",
             criterion=ExampleLossCriterion("mean"))
 
-    def step(self, x, y):
-        with self.autocast(x.device.type):
-            loss = self.criterion(self.module(x), y)  # wraps the [B] per-example losses
-        loss.backward()  # two backward passes: norms, then the clipped-weighted loss
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def loss(self, x, y):
+        # wraps the [B] per-example losses; its backward runs two passes (norms, then the
+        # clipped-weighted loss)
+        return self.criterion(self.module(x), y)
 
 
 _CLASSES: Dict[str, Callable[..., Provider]] = {
