@@ -43,6 +43,14 @@ class Factored:
     def batch(self) -> int:
         return self.right.shape[0]
 
+    @property
+    def layer_input(self) -> torch.Tensor:
+        return self.right if self.input_side == "right" else self.left
+
+    @property
+    def output_grad(self) -> torch.Tensor:
+        return self.left if self.input_side == "right" else self.right
+
 
 @dataclass
 class Materialized:
@@ -73,7 +81,7 @@ def self_norm_sq(form: GradForm) -> torch.Tensor:
 
 
 def _input_key(form: Factored):
-    a = form.right if form.input_side == "right" else form.left
+    a = form.layer_input
     return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
 
 
@@ -100,8 +108,8 @@ def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List
         if len(group) == 1:
             singles.append(group[0])
             continue
-        a = group[0].right if group[0].input_side == "right" else group[0].left
-        g = torch.cat([f.left if f.input_side == "right" else f.right for f in group], dim=-1)
+        a = group[0].layer_input
+        g = torch.cat([f.output_grad for f in group], dim=-1)
         B, T, d = a.shape
         part = ops.linear_norm_sq(a, g, ops.choose_linear_mode(T, d, g.shape[-1]))
         total = part if total is None else total + part.to(total.dtype)
