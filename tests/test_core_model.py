@@ -195,6 +195,12 @@ def test_empty_batch_is_a_clear_error_unless_allowed():
     assert vk.last_norms(model).shape == (0,)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     vk.unpatch(model)
+    # a layer used twice: its bias has two materialized uses (self and cross terms)
+    from test_core_layers import Twice
+    twice = vk.patch(Twice(), allow_empty_batch=True)
+    twice(torch.randn(0, 5)).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in twice.parameters())
+    vk.unpatch(twice)
 
 
 def test_two_forwards_one_backward_refused_unless_allowed():

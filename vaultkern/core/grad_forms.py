@@ -18,6 +18,7 @@ dispatched ops, so Triton / C++ kernels are used where they exist.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -67,11 +68,16 @@ class Materialized:
 GradForm = Union[Factored, Materialized]
 
 
+def _flat(m: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] -> [B, n]; also for B = 0, where reshape(B, -1) is ambiguous."""
+    return m.reshape(m.shape[0], math.prod(m.shape[1:]))
+
+
 def self_norm_sq(form: GradForm) -> torch.Tensor:
     """‖G_i‖² per example, [B]."""
     if isinstance(form, Materialized):
         m = form.per_example
-        return m.to(acc_dtype(m)).reshape(m.shape[0], -1).square().sum(1)
+        return _flat(m.to(acc_dtype(m))).square().sum(1)
     if form.one_hot:
         return ops.embedding_norm_sq(form.left, form.right)
     B, T, cols = form.right.shape
@@ -138,7 +144,7 @@ def cross(u: GradForm, v: GradForm) -> torch.Tensor:
     if isinstance(u, Materialized) and isinstance(v, Materialized):
         a, b = u.per_example, v.per_example
         acc = acc_dtype(a)
-        return (a.to(acc) * b.to(acc)).reshape(a.shape[0], -1).sum(1)
+        return _flat(a.to(acc) * b.to(acc)).sum(1)
     if isinstance(u, Materialized):
         u, v = v, u
     if isinstance(v, Materialized):
