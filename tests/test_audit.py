@@ -13,7 +13,12 @@ from vaultkern.models import Decoder, get_config
 
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    """Tiny model (T=32), 60 records + canaries; non-DP long enough to memorise, DP with σ=3."""
+    """Tiny model (T=32), 60 records + canaries; non-DP long enough to memorise, DP with σ=3.
+
+    400 non-DP steps: at 250 the non-DP model's token-match rate on training suffixes (0.26)
+    was no higher than on held-out ones (0.25), i.e. it generalised, not memorised; at 400 it
+    is 0.50 vs 0.24. The DP run fixes its noise/sampling seed (--dp-seed) so the test is
+    deterministic; its match rate was 0.058-0.064 over seeds 0-5."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("toy")
@@ -22,10 +27,10 @@ def toy_runs(tmp_path_factory):
               "--lr", "3e-3", "--quiet"]
     parser = train.build_parser()
     train.train(train.resolve_args(parser.parse_args(
-        common + ["--no-dp", "--steps", "250", "--out", str(root / "nodp")]), parser))
+        common + ["--no-dp", "--steps", "400", "--out", str(root / "nodp")]), parser))
     train.train(train.resolve_args(parser.parse_args(
         common + ["--noise-multiplier", "3", "--steps", "60", "--epsilon-every", "60",
-                  "--out", str(root / "dp")]), parser))
+                  "--dp-seed", "0", "--out", str(root / "dp")]), parser))
     results = {name: audit.audit_run(str(root / name), num_candidates=100, memorization_samples=64,
                                      quiet=True) for name in ("nodp", "dp")}
     torch.set_num_threads(threads)
