@@ -1,60 +1,122 @@
-"""Where a vaultkern DP step spends its time: torch.profiler over a few steps.
+"""Where a training step spends its time: the benchmark's own step, phase by phase.
 
-    python bench/profile_step.py [--model gpt2-small] [--batch 8] [--steps 3]
+    python bench/profile_step.py [--model gpt2-small] [--batch 8] [--steps 5]
+                                 [--providers nondp,vaultkern] [--untie]
 
-Prints the top ops by device (CUDA) time and by CPU time, for the non-private and the
-vaultkern step of the same model and batch (bf16 autocast on CUDA).
+For each provider (the same classes ``vaultkern bench`` times: same loss, optimizer,
+precision) it prints
+
+* the step time without any synchronisation (what the benchmark measures),
+* the same step split into forward+loss / backward (vaultkern: incl. the book-keeping
+  callback) / optimizer step (incl. DP noise), each phase closed by a device
+  synchronisation, so a phase's time is host time or device time, whichever is longer,
+* the host-only time of each phase (time until its last launch returned),
+* torch.profiler's top operators by self CPU time and, on CUDA, by device time.
+
+bf16 autocast on CUDA, fp32 on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 
 import torch
-import torch.nn.functional as F
 
-import vaultkern as vk
+from vaultkern.benchmark import providers as P
 from vaultkern.models import Decoder, get_config
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _phases(prov, x, y, dev):
+    """(host seconds, synchronised seconds) of forward+loss, backward, optimizer step."""
+    host, synced = [], []
+
+    def run(fn):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = fn()
+        t1 = time.perf_counter()
+        _sync(dev)
+        host.append(t1 - t0)
+        synced.append(time.perf_counter() - t0)
+        return out
+
+    def fwd():
+        with prov.autocast(x.device.type):
+            return prov.loss(x, y)
+
+    loss = run(fwd)
+    run(loss.backward)
+
+    def opt():
+        prov.optimizer.step()
+        prov.optimizer.zero_grad(set_to_none=True)
+
+    run(opt)
+    return host, synced
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt2-small")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--providers", default="nondp,vaultkern")
+    ap.add_argument("--untie", action="store_true")
+    ap.add_argument("--device", default=None)
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = get_config(args.model)
+    cfg = get_config(args.model, tie_embeddings=not args.untie)
     base = Decoder(cfg).to(dev)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len + 1), device=dev)
+    x, y = ids[:, :-1], ids[:, 1:]
+    settings = P.StepSettings(autocast_dtype=torch.bfloat16 if dev == "cuda" else None)
+    names = ("forward+loss", "backward", "optimizer")
 
-    def step(model):
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
-        loss.sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    for name in ("nondp", "vaultkern"):
-        model = copy.deepcopy(base)
-        if name == "vaultkern":
-            vk.patch(model, max_grad_norm=1.0)
+    for name in args.providers.split(","):
+        prov = P.build(name, copy.deepcopy(base), settings, args.batch)
         for _ in range(3):
-            step(model)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+            prov.step(x, y)
+        _sync(dev)
+        walls = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            prov.step(x, y)
+            _sync(dev)
+            walls.append(time.perf_counter() - t0)
+        split = [_phases(prov, x, y, dev) for _ in range(args.steps)]
+        print(f"\n===== {name}: {args.model} ({'untied' if args.untie else 'tied'}) "
+              f"B={args.batch} T={cfg.seq_len} on {dev} =====")
+        print(f"step (as benchmarked, median of {args.steps}): "
+              f"{1e3 * statistics.median(walls):.1f} ms")
+        for i, phase in enumerate(names):
+            h = statistics.median(s[0][i] for s in split)
+            w = statistics.median(s[1][i] for s in split)
+            print(f"  {phase:<13} synchronised {1e3 * w:7.1f} ms   host-only {1e3 * h:7.1f} ms")
+
         acts = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(args.steps):
-                step(model)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-        key = "device_time_total" if dev == "cuda" else "cpu_time_total"
-        print(f"\n===== {name}: {args.model} B={args.batch} T={cfg.seq_len}, {args.steps} steps =====")
-        print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+                prov.step(x, y)
+            _sync(dev)
+        table = prof.key_averages()
+        print(f"-- top operators by self CPU time ({args.steps} steps)")
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                          max_name_column_width=55))
+        if dev == "cuda":
+            print(f"-- top operators by device time ({args.steps} steps)")
+            print(table.table(sort_by="self_device_time_total", row_limit=args.rows,
+                              max_name_column_width=55))
+        del prov
 
 
 if __name__ == "__main__":
