@@ -357,6 +357,44 @@ def test_noisy_scale_adds_to_summed_and_keeps_dtype(dtype):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
+def _many_inputs(device):
+    """Mixed dtypes, an empty, a non-contiguous and a float64 tensor, odd sizes."""
+    gen = torch.Generator().manual_seed(3)
+    ts = [torch.randn(1001, generator=gen), torch.randn(3, 7, generator=gen), torch.zeros(0),
+          torch.randn(2, 513, generator=gen).to(torch.bfloat16), torch.randn(9, generator=gen),
+          torch.randn(6, 5, generator=gen).t(), torch.randn(4, 4, generator=gen).double(),
+          torch.randn(3, 3, generator=gen).half()]
+    return [t.to(device) for t in ts]
+
+
+@pytest.mark.parametrize("block_quads", [4, 16])
+def test_noisy_scale_many_equals_one_call_per_tensor(block_quads):
+    from vaultkern.ops.noise import noisy_scale_many_triton
+    tensors = _many_inputs(DEVICE)
+    offsets = [0, 1001, 1022, 1022, 2048, 2057, 2087, 2103]
+    expected = [ops.noisy_scale(t.contiguous(), 0.7, 0.25, seed=11, step=5, offset=o,
+                                backend="triton") for t, o in zip(tensors, offsets)]
+    ptrs = [t.data_ptr() for t in tensors]
+    noisy_scale_many_triton(tensors, 0.7, 0.25, seed=11, step=5, offsets=offsets,
+                            block_quads=block_quads)
+    assert [t.data_ptr() for t in tensors] == ptrs  # in place
+    for got, want in zip(tensors, expected):
+        assert got.dtype == want.dtype and torch.equal(got, want.view(got.shape))
+    if DEVICE == "cuda":  # the op's own choice for CUDA tensors is this kernel
+        again = _many_inputs(DEVICE)
+        ops.noisy_scale_many(again, 0.7, 0.25, seed=11, step=5, offsets=offsets)
+        assert all(torch.equal(a, b) for a, b in zip(again, tensors))
+
+
+def test_noisy_scale_many_torch_reference_equals_one_call_per_tensor():
+    tensors = _many_inputs("cpu")
+    offsets = list(range(0, 80, 10))
+    expected = [ops.noisy_scale(t, 0.5, 2.0, seed=1, step=2, offset=o, backend="torch")
+                for t, o in zip(tensors, offsets)]
+    ops.noisy_scale_many(tensors, 0.5, 2.0, seed=1, step=2, offsets=offsets, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+
+
 # --- GPU only: compiled kernels with bf16 inputs and larger shapes ----------------------------
 
 @needs_gpu

@@ -127,7 +127,7 @@ class Op:
         return chosen
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = _first_tensor(args)
         name = backend or (self.choose(first) if first is not None else "torch")
         if not self.available(name):
             raise RuntimeError(f"op {self.name}: backend {name!r} is not available")
@@ -136,6 +136,17 @@ class Op:
     def __repr__(self) -> str:
         have = [b for b in BACKENDS if self.available(b)]
         return f"Op({self.name}, backends={have})"
+
+
+def _first_tensor(args) -> Optional[torch.Tensor]:
+    """The tensor that decides the backend: the first tensor argument, or the first
+    element of the first list/tuple of tensors (multi-tensor ops)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
 
 
 ALL_OPS: Dict[str, Op] = {}

@@ -145,3 +145,89 @@ def noisy_scale_triton(summed: torch.Tensor, std: float, scale: float, *, seed: 
     if summed.dtype == torch.float64:
         return noisy_scale_torch(summed, std, scale, seed=seed, step=step, offset=offset)
     return noisy_scale_triton_blocks(summed, std, scale, seed=seed, step=step, offset=offset)
+
+
+# ----------------------------------------------------------------------------
+# Many tensors at once (the DP optimizer's step): in place, one launch per dtype
+#
+# noisy_scale_many(tensors, std, scale, seed=, step=, offsets=) sets every
+# tensors[i] to noisy_scale(tensors[i], ..., offset=offsets[i]) — bit for bit
+# the same values as one call per tensor with the same backend — but on CUDA
+# it is one kernel launch over all tensors of a dtype instead of one launch
+# (and its host overhead) per parameter. Each program handles BLOCK_Q quads of
+# one tensor; a table maps program -> (tensor, first quad) and the tensors'
+# addresses, Philox keys and sizes travel in one int64 table per call.
+# ----------------------------------------------------------------------------
+noisy_scale_many = define_op(
+    "noisy_scale_many",
+    "In place: t <- (t + std·ξ_t)·scale for every tensor t of a list, ξ_t exactly "
+    "noisy_scale's stream with offset offsets[i] (CUDA: one launch per dtype).")
+
+
+@noisy_scale_many.register("torch")
+def noisy_scale_many_torch(tensors, std: float, scale: float, *, seed: int, step: int,
+                           offsets) -> None:
+    for t, offset in zip(tensors, offsets):
+        t.copy_(noisy_scale_torch(t, std, scale, seed=seed, step=step, offset=offset))
+
+
+@triton.jit
+def _noisy_scale_many_kernel(meta_ptr, n_tensors, block_tensor_ptr, block_quad_ptr, std, scale,
+                             BLOCK_Q: tl.constexpr, DTYPE: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)
+    first_quad = tl.load(block_quad_ptr + pid)
+    ptr = tl.load(meta_ptr + t).to(tl.pointer_type(DTYPE))
+    key = tl.load(meta_ptr + n_tensors + t)
+    n = tl.load(meta_ptr + 2 * n_tensors + t)
+    quad = first_quad + tl.arange(0, BLOCK_Q)
+    lane = tl.arange(0, 4)
+    idx = quad[:, None] * 4 + lane[None, :]
+    mask = idx < n
+    x = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    xi = gaussian_at(key, quad, lane, BLOCK_Q)
+    tl.store(ptr + idx, ((x + std * xi) * scale).to(DTYPE), mask=mask)
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_block_tables: dict = {}  # (device, sizes, block_quads) -> (block -> tensor, block -> first quad)
+
+
+def _block_table(device: torch.device, sizes, block_quads: int):
+    key = (device, sizes, block_quads)
+    table = _block_tables.get(key)
+    if table is None:
+        quads_per_block = torch.tensor([triton.cdiv(n, 4 * block_quads) for n in sizes])
+        tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), quads_per_block)
+        first_block = torch.cumsum(quads_per_block, 0) - quads_per_block
+        first_quad = (torch.arange(len(tensor_of)) - first_block[tensor_of]) * block_quads
+        table = (tensor_of.to(device), first_quad.to(device))
+        if len(_block_tables) > 16:
+            _block_tables.clear()
+        _block_tables[key] = table
+    return table
+
+
+@noisy_scale_many.register("triton")
+def noisy_scale_many_triton(tensors, std: float, scale: float, *, seed: int, step: int,
+                            offsets, block_quads: int = None) -> None:
+    block_quads = block_quads or _NOISE_QUADS
+    groups: dict = {}
+    for t, offset in zip(tensors, offsets):
+        if t.dtype in _TL_DTYPES and t.is_contiguous() and t.numel() > 0:
+            groups.setdefault((t.device, t.dtype), []).append((t, offset))
+        elif t.numel() > 0:  # float64 / non-contiguous: one call, same stream
+            t.copy_(noisy_scale_triton(t.contiguous(), std, scale, seed=seed, step=step,
+                                       offset=offset))
+    for (device, dtype), items in groups.items():
+        sizes = tuple(t.numel() for t, _ in items)
+        tensor_of, first_quad = _block_table(device, sizes, block_quads)
+        meta = torch.tensor([t.data_ptr() for t, _ in items]
+                            + [philox_key(seed, step, offset) for _, offset in items]
+                            + list(sizes), dtype=torch.int64)
+        if device.type == "cuda":  # pinned: the upload does not wait for queued GPU work
+            meta = meta.pin_memory()
+        meta = meta.to(device, non_blocking=True)
+        _noisy_scale_many_kernel[(len(tensor_of),)](
+            meta, len(items), tensor_of, first_quad, float(std), float(scale),
+            BLOCK_Q=block_quads, DTYPE=getattr(tl, _TL_DTYPES[dtype]))

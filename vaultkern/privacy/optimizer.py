@@ -43,7 +43,7 @@ from typing import Callable, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from vaultkern.ops.noise import noisy_scale, secure_noisy_scale
+from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
 _STATE_KEY = "vaultkern_dp"
 
@@ -190,8 +190,12 @@ class DPOptimizer(Optimizer):
                     "DPOptimizer needs dense gradients (use nn.Embedding(sparse=False))")
         if not with_grad:
             return
-        device = with_grad[0][1].grad.device
-        finite = torch.stack([torch.isfinite(p.grad).all().to(device) for _, p in with_grad])
+        # one multi-tensor reduction: a NaN/inf anywhere makes that parameter's norm
+        # non-finite (a finite gradient overflowing fp32 in its norm, > ~1e19, counts too)
+        grads = [p.grad for _, p in with_grad]
+        device = grads[0].device
+        norms = torch._foreach_norm(grads, 2.0)
+        finite = torch.isfinite(torch.stack([n.to(device) for n in norms]))
         if not bool(finite.all()):
             index, p = with_grad[int((~finite).nonzero()[0])]
             raise FloatingPointError(
@@ -199,20 +203,31 @@ class DPOptimizer(Optimizer):
                 f"{tuple(p.shape)}; optimizer step not taken, parameters unchanged")
 
     def add_noise(self) -> None:
-        """p.grad <- (p.grad + σC·ξ)·s for every trainable p (None -> zeros)."""
+        """p.grad <- (p.grad + σC·ξ)·s for every trainable p (None -> zeros), in place.
+
+        Reproducible mode noises all gradients with one multi-tensor op (one kernel
+        launch per dtype on CUDA); ξ of parameter k depends on (seed, step, offset_k)
+        only, offset_k = the number of elements of the parameters before it."""
         std, scale = self.noise_std, self.grad_scale
-        offset = 0
-        for p in self.params:
-            summed = p.grad if p.grad is not None else torch.zeros_like(p)
-            if std == 0.0:
-                noisy = summed * scale
-            elif self.secure_mode:
-                noisy = secure_noisy_scale(summed.contiguous(), std, scale)
-            else:
-                noisy = noisy_scale(summed.contiguous(), std, scale, seed=self.seed,
-                                    step=self.steps_taken, offset=offset)
-            p.grad = noisy.view_as(p).to(p.dtype)
-            offset += p.numel()
+        params = self.params
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p.grad.dtype != p.dtype or not p.grad.is_contiguous():
+                p.grad = p.grad.to(p.dtype).contiguous()
+        grads = [p.grad for p in params]
+        if std == 0.0:
+            torch._foreach_mul_(grads, scale)
+        elif self.secure_mode:
+            for g in grads:
+                g.copy_(secure_noisy_scale(g, std, scale))
+        else:
+            offsets, offset = [], 0
+            for p in params:
+                offsets.append(offset)
+                offset += p.numel()
+            noisy_scale_many(grads, std, scale, seed=self.seed, step=self.steps_taken,
+                             offsets=offsets)
 
     def pre_step(self) -> bool:
         """Noise and scale the grads; False when this step is a skipped micro-step."""
