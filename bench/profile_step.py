@@ -62,6 +62,25 @@ def _phases(prov, x, y, dev):
     return host, synced
 
 
+def _instrument_bookkeeping(totals):
+    """Host time of the book-keeping callback and of its parts (no synchronisation: on a
+    GPU this is the time the host spends issuing the work)."""
+    from vaultkern.core import bookkeeping, grad_forms
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    bookkeeping.BookKeeper._finish = timed(bookkeeping.BookKeeper._finish, "callback (all)")
+    for name in ("summed_self_norms_sq", "clipped_sum", "cross"):
+        setattr(grad_forms, name, timed(getattr(grad_forms, name), f"callback: {name}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt2-small")
@@ -92,6 +111,9 @@ def main() -> None:
             prov.step(x, y)
             _sync(dev)
             walls.append(time.perf_counter() - t0)
+        totals: dict = {}
+        if name == "vaultkern":
+            _instrument_bookkeeping(totals)
         split = [_phases(prov, x, y, dev) for _ in range(args.steps)]
         print(f"\n===== {name}: {args.model} ({'untied' if args.untie else 'tied'}) "
               f"B={args.batch} T={cfg.seq_len} on {dev} =====")
@@ -101,6 +123,8 @@ def main() -> None:
             h = statistics.median(s[0][i] for s in split)
             w = statistics.median(s[1][i] for s in split)
             print(f"  {phase:<13} synchronised {1e3 * w:7.1f} ms   host-only {1e3 * h:7.1f} ms")
+        for key, seconds in totals.items():
+            print(f"  host time in {key}: {1e3 * seconds / args.steps:.1f} ms per step")
 
         acts = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])

@@ -108,7 +108,7 @@ def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List
             groups.setdefault(_input_key(f), []).append(f)
         else:
             singles.append(f)
-    total = None
+    parts: List[torch.Tensor] = []
     done: List[List[GradForm]] = []
     for group in groups.values():
         if len(group) == 1:
@@ -117,13 +117,14 @@ def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List
         a = group[0].layer_input
         g = torch.cat([f.output_grad for f in group], dim=-1)
         B, T, d = a.shape
-        part = ops.linear_norm_sq(a, g, ops.choose_linear_mode(T, d, g.shape[-1]))
-        total = part if total is None else total + part.to(total.dtype)
+        parts.append(ops.linear_norm_sq(a, g, ops.choose_linear_mode(T, d, g.shape[-1])))
         done.append(list(group))
     for f in singles:
-        part = self_norm_sq(f)
-        total = part if total is None else total + part.to(total.dtype)
+        parts.append(self_norm_sq(f))
         done.append([f])
+    # one stacked sum instead of one addition per part (fewer kernel launches on a GPU)
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else parts[0].dtype
+    total = torch.stack([p.to(dtype) for p in parts]).sum(0) if len(parts) > 1 else parts[0]
     return total, done
 
 

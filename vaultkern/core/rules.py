@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaultkern.backend import acc_dtype
 from vaultkern.core.grad_forms import Factored, Materialized
 from vaultkern.core.generic import GenericRule
 from vaultkern.core.rule_base import LayerRule, UnsupportedModuleError
@@ -87,7 +88,8 @@ class _LinearFn(torch.autograd.Function):
             forms[module.weight] = Factored(left, right, mode=ctx.mode,
                                             input_side="left" if ctx.transposed else "right")
         if ctx.has_bias and site.trainable(module.bias):
-            forms[module.bias] = Materialized(g.sum(1))
+            # summed straight into fp32 (fp64 for fp64): no separate cast of a bf16 sum later
+            forms[module.bias] = Materialized(g.sum(1, dtype=acc_dtype(g)))
         site.record(forms, ctx.forward_id)
         return gx, None, None, None, None, None, None
 

@@ -41,8 +41,16 @@ def clipped_linear_grad_torch(left, right, clip) -> torch.Tensor:
         left = left * scale
     else:
         right = right * scale
-    out = left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])
-    return _as(out, acc_dtype(left))
+    lhs, rhs = left.reshape(-1, left.shape[-1]).t(), right.reshape(-1, right.shape[-1])
+    if low and left.is_cuda and _MM_OUT_DTYPE[0]:
+        try:  # bf16/fp16 operands, fp32 result straight from the GEMM (no separate cast)
+            return torch.mm(lhs, rhs, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for this case
+            _MM_OUT_DTYPE[0] = False
+    return _as(lhs @ rhs, acc_dtype(left))
+
+
+_MM_OUT_DTYPE = [True]  # set False once torch.mm(out_dtype=) is found missing
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
