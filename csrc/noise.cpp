@@ -33,7 +33,7 @@ void store_le32(uint32_t w, uint8_t* b) {
 
 // The bytes of a uint8 tensor of exactly `nbytes` elements, read on the CPU.
 VK_CHECK_INLINE at::Tensor byte_tensor(const at::Tensor& t, int64_t nbytes, const char* fn, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kByte && t.numel() == nbytes, fn, ": ", name,
+  VK_CHECK(t.scalar_type() == at::kByte && t.numel() == nbytes, fn, ": ", name,
               " must be a uint8 tensor of ", nbytes, " bytes, got dtype ", t.scalar_type(),
               " with ", t.numel(), " elements");
   return t.to(at::kCPU).contiguous();
@@ -55,18 +55,18 @@ VK_CHECK_INLINE chacha::Nonce nonce_from(const at::Tensor& nonce, const char* fn
 
 // The stream of one (key, nonce) must fit in 2^32 blocks: counter + blocks.
 VK_CHECK_INLINE void check_blocks(int64_t counter, uint64_t blocks, const char* fn) {
-  TORCH_CHECK(counter >= 0 && uint64_t(counter) < kRfcBlocks, fn,
+  VK_CHECK(counter >= 0 && uint64_t(counter) < kRfcBlocks, fn,
               ": counter must be in [0, 2^32), got ", counter);
-  TORCH_CHECK(uint64_t(counter) + blocks <= kRfcBlocks, fn, ": counter ", counter, " + ", blocks,
+  VK_CHECK(uint64_t(counter) + blocks <= kRfcBlocks, fn, ": counter ", counter, " + ", blocks,
               " blocks runs past the 2^32-block stream of one key/nonce; use another nonce");
 }
 
 VK_CHECK_INLINE void check_cuda_build(const at::Device& device, const char* fn) {
 #ifndef VAULTKERN_WITH_CUDA
-  TORCH_CHECK(!device.is_cuda(), fn, ": device ", device,
+  VK_CHECK(!device.is_cuda(), fn, ": device ", device,
               " requested but vaultkern._C was built without CUDA");
 #endif
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), fn, ": device must be cpu or cuda, got ", device);
+  VK_CHECK(device.is_cpu() || device.is_cuda(), fn, ": device must be cpu or cuda, got ", device);
 }
 
 // Four consecutive blocks side by side, one per lane of a 4×32-bit vector
@@ -141,9 +141,9 @@ void fill_gaussian_cpu(const chacha::Key& key, const chacha::Nonce& nonce, uint6
 at::Tensor noisy_scale_impl(const at::Tensor& summed, double std, double scale,
                             const chacha::Key& key, const chacha::Nonce& nonce, uint64_t first,
                             const char* fn) {
-  TORCH_CHECK(at::isFloatingType(summed.scalar_type()), fn,
+  VK_CHECK(at::isFloatingType(summed.scalar_type()), fn,
               ": summed must be a floating-point tensor, got dtype ", summed.scalar_type());
-  TORCH_CHECK(std >= 0.0, fn, ": std must be >= 0, got ", std);
+  VK_CHECK(std >= 0.0, fn, ": std must be >= 0, got ", std);
   check_cuda_build(summed.device(), fn);
   at::Tensor in = summed.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
@@ -176,7 +176,7 @@ at::Tensor chacha20_block(const at::Tensor& key, int64_t counter, const at::Tens
 at::Tensor chacha20_stream(const at::Tensor& key, const at::Tensor& nonce, int64_t counter,
                            int64_t nbytes, const at::Device& device) {
   const char* fn = "chacha20_stream";
-  TORCH_CHECK(nbytes >= 0, fn, ": nbytes must be >= 0, got ", nbytes);
+  VK_CHECK(nbytes >= 0, fn, ": nbytes must be >= 0, got ", nbytes);
   const uint64_t blocks = (uint64_t(nbytes) + 63) / 64;
   check_blocks(counter, blocks, fn);
   check_cuda_build(device, fn);
@@ -205,8 +205,8 @@ at::Tensor chacha20_stream(const at::Tensor& key, const at::Tensor& nonce, int64
 at::Tensor gaussian(int64_t n, const at::Tensor& key, const at::Tensor& nonce, int64_t counter,
                     at::ScalarType dtype, const at::Device& device) {
   const char* fn = "gaussian";
-  TORCH_CHECK(n >= 0, fn, ": n must be >= 0, got ", n);
-  TORCH_CHECK(at::isFloatingType(dtype), fn, ": dtype must be floating point, got ", dtype);
+  VK_CHECK(n >= 0, fn, ": n must be >= 0, got ", n);
+  VK_CHECK(at::isFloatingType(dtype), fn, ": dtype must be floating point, got ", dtype);
   check_blocks(counter, (uint64_t(n) + 1) / 2, fn);
   check_cuda_build(device, fn);
   const chacha::Key k = key_from(key, fn);
@@ -240,7 +240,7 @@ at::Tensor secure_noisy_scale(const at::Tensor& summed, double std, double scale
 at::Tensor noisy_scale(const at::Tensor& summed, double std, double scale, int64_t seed,
                        int64_t step, int64_t offset) {
   const char* fn = "noisy_scale";
-  TORCH_CHECK(offset >= 0, fn, ": offset must be >= 0, got ", offset);
+  VK_CHECK(offset >= 0, fn, ": offset must be >= 0, got ", offset);
   const chacha::Key key = chacha::derive_step_key(uint64_t(seed), uint64_t(step));
   const chacha::Nonce zero = {{0u, 0u, 0u}};
   return noisy_scale_impl(summed, std, scale, key, zero, uint64_t(offset), fn);

@@ -41,22 +41,22 @@ at::ScalarType acc_type(const at::Tensor& t) {
 }
 
 VK_CHECK_INLINE void check_float_cpu(const at::Tensor& t, const char* fn, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
+  VK_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
+  VK_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
               " must be a floating-point tensor, got dtype ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, fn, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  VK_CHECK(t.dim() == dim, fn, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
 VK_CHECK_INLINE at::Tensor ids_as_long(const at::Tensor& ids, const char* fn) {
-  TORCH_CHECK(ids.device().is_cpu(), fn, ": ids must be a CPU tensor, got device ", ids.device());
-  TORCH_CHECK(!at::isFloatingType(ids.scalar_type()) && ids.scalar_type() != at::kBool, fn,
+  VK_CHECK(ids.device().is_cpu(), fn, ": ids must be a CPU tensor, got device ", ids.device());
+  VK_CHECK(!at::isFloatingType(ids.scalar_type()) && ids.scalar_type() != at::kBool, fn,
               ": ids must be an integer tensor, got dtype ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 2, fn, ": ids must be [B, T], got shape ", ids.sizes());
+  VK_CHECK(ids.dim() == 2, fn, ": ids must be [B, T], got shape ", ids.sizes());
   return ids.to(at::kLong).contiguous();
 }
 
 VK_CHECK_INLINE void check_same(int64_t x, int64_t y, const char* fn, const char* what) {
-  TORCH_CHECK(x == y, fn, ": ", what, " differ (", x, " vs ", y, ")");
+  VK_CHECK(x == y, fn, ": ", what, " differ (", x, " vs ", y, ")");
 }
 
 // Σ_k x[k]·y[k] in double, with 8 independent lanes so the compiler can
@@ -219,7 +219,7 @@ at::Tensor linear_norm_sq(const at::Tensor& a, const at::Tensor& g, const std::s
   check_float_cpu(g, fn, "g", 3);
   check_same(a.size(0), g.size(0), fn, "batch sizes of a and g");
   check_same(a.size(1), g.size(1), fn, "positions T of a and g");
-  TORCH_CHECK(mode == "ghost" || mode == "direct", fn, ": mode must be 'ghost' or 'direct', got '",
+  VK_CHECK(mode == "ghost" || mode == "direct", fn, ": mode must be 'ghost' or 'direct', got '",
               mode, "'");
   const auto acc = acc_type(a);
   at::Tensor out = at::zeros({a.size(0)}, a.options().dtype(acc));
@@ -320,7 +320,7 @@ at::Tensor embedding_linear_cross(const at::Tensor& ids_in, const at::Tensor& e_
   {
     const int64_t* ip = ids.data_ptr<int64_t>();
     for (int64_t k = 0; k < ids.numel(); ++k)
-      TORCH_CHECK(ip[k] < V, fn, ": id ", ip[k], " at flat position ", k,
+      VK_CHECK(ip[k] < V, fn, ": id ", ip[k], " at flat position ", k,
                   " is out of range for the head's output width V=", V);
   }
   const auto acc = acc_type(e_in);
@@ -405,12 +405,12 @@ at::Tensor clipped_embedding_grad(const at::Tensor& ids_in, const at::Tensor& g_
   const char* fn = "clipped_embedding_grad";
   at::Tensor ids = ids_as_long(ids_in, fn);
   check_float_cpu(g_in, fn, "g", 3);
-  TORCH_CHECK(clip_in.device().is_cpu(), fn, ": clip must be a CPU tensor, got device ", clip_in.device());
-  TORCH_CHECK(num_embeddings >= 0, fn, ": num_embeddings must be >= 0, got ", num_embeddings);
+  VK_CHECK(clip_in.device().is_cpu(), fn, ": clip must be a CPU tensor, got device ", clip_in.device());
+  VK_CHECK(num_embeddings >= 0, fn, ": num_embeddings must be >= 0, got ", num_embeddings);
   const int64_t B = ids.size(0), T = ids.size(1), d = g_in.size(2), V = num_embeddings;
   check_same(g_in.size(0), B, fn, "batch sizes of ids and g");
   check_same(g_in.size(1), T, fn, "positions of ids and g");
-  TORCH_CHECK(clip_in.dim() == 1 && clip_in.size(0) == B, fn, ": clip must have shape [", B,
+  VK_CHECK(clip_in.dim() == 1 && clip_in.size(0) == B, fn, ": clip must have shape [", B,
               "], got ", clip_in.sizes());
   const auto acc = acc_type(g_in);
   at::Tensor out = at::zeros({V, d}, g_in.options().dtype(acc));
@@ -421,7 +421,7 @@ at::Tensor clipped_embedding_grad(const at::Tensor& ids_in, const at::Tensor& g_
   std::vector<int64_t> start(V + 1, 0);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t v = ip[n];
-    TORCH_CHECK(v < V, fn, ": id ", v, " at [", n / T, ", ", n % T,
+    VK_CHECK(v < V, fn, ": id ", v, " at [", n / T, ", ", n % T,
                 "] is out of range for num_embeddings=", V);
     if (v >= 0) ++start[v + 1];
   }

@@ -8,16 +8,44 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "chacha20.h"
 
-// Argument checks that throw (TORCH_CHECK) are forced inline into the exported function.
-// On the GPU machine (torch 2.11+cu130, g++ 13.3), a c10::Error thrown from a separate
-// helper frame of this extension crashed the process (SIGSEGV) while the same check written
-// in the exported function raised RuntimeError; inlining removes the helper frame.
-#define VK_CHECK_INLINE inline __attribute__((always_inline))
+// VK_CHECK(cond, parts...): TORCH_CHECK with a message built from strings only.
+//
+// Numbers, dtypes, devices and shapes are turned into text with std::to_string /
+// c10::toString / Device::str, never with std::ostream: on the GPU machine
+// (torch 2.11+cu130, g++ 13.3) any std::ostream numeric insertion compiled into an
+// extension crashed the process (SIGSEGV in std::codecvt via ostream::_M_insert<long>,
+// cuda-gdb backtrace; bench/diag_cpp_errors.py shows it for a bare load_inline
+// extension too), and TORCH_CHECK formats its extra arguments with an ostringstream.
+// A single std::string argument is passed through without a stream.
+#define VK_CHECK(cond, ...) TORCH_CHECK(cond, ::vaultkern::detail::message(__VA_ARGS__))
+#define VK_CHECK_INLINE inline
 
 namespace vaultkern {
+
+namespace detail {
+inline std::string text(const std::string& s) { return s; }
+inline std::string text(const char* s) { return s; }
+template <typename T, typename std::enable_if<std::is_integral<T>::value, int>::type = 0>
+inline std::string text(T v) { return std::to_string(v); }
+inline std::string text(double v) { return std::to_string(v); }
+inline std::string text(c10::ScalarType t) { return c10::toString(t); }
+inline std::string text(const c10::Device& d) { return d.str(); }
+inline std::string text(c10::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += text(args)), ...);
+  return out;
+}
+}  // namespace detail
 
 // ---- per-example norms and clipped gradients (norms.cpp) -------------------
 at::Tensor linear_norm_sq(const at::Tensor& a, const at::Tensor& g, const std::string& mode);

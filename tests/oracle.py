@@ -68,9 +68,20 @@ def rotary(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
+def causal_attention(q, k, v):
+    """softmax(q kᵀ/√hd + causal mask) v, written out: the float64 oracle needs no fused
+    kernel, and this one raises on mismatched head counts on every torch version."""
+    T = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
 class Block(nn.Module):
     def __init__(self, d, heads, kv_heads, mlp, norm, rope, bias):
         super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
         self.h, self.kv, self.hd, self.rope = heads, kv_heads, d // heads, rope
         Norm = {"layer": nn.LayerNorm, "rms": nn.RMSNorm, "gemma": GemmaStyleNorm}[norm]
         self.n1, self.n2 = Norm(d), Norm(d)
@@ -95,7 +106,7 @@ class Block(nn.Module):
             q, k = rotary(q), rotary(k)
         k = k.repeat_interleave(self.h // self.kv, 1)
         v = v.repeat_interleave(self.h // self.kv, 1)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        att = causal_attention(q, k, v)
         x = x + self.o(att.transpose(1, 2).reshape(B, T, d))
         h = self.n2(x)
         if self.mlp == "geglu":

@@ -34,6 +34,10 @@ def run(out, config, *flags):
     if "--dp-seed" not in argv and "--resume" not in argv and "--fresh-dp-randomness" not in argv:
         argv += ["--dp-seed", "1234"]  # reproducible DP randomness, so runs can be compared
     argv = [a for a in argv if a != "--fresh-dp-randomness"]
+    if "--device" not in argv:
+        # CPU even on a GPU machine: these tests compare runs bit for bit, which CUDA's
+        # atomics-based kernels (embedding backward, cuDNN attention) do not promise
+        argv += ["--device", "cpu"]
     args = train_mod.resolve_args(train_mod.build_parser().parse_args(argv), train_mod.build_parser())
     return train_mod.train(args)
 
@@ -140,7 +144,8 @@ def test_persistent_nan_aborts_without_touching_the_checkpoint(tmp_path, config,
     before = (out / "ckpt.pt").read_bytes()
     monkeypatch.setattr(train_mod, "per_sequence_loss",
                         lambda logits, targets, weights=None: logits.sum((1, 2)) * float("inf"))
-    rc = train_mod.main(["--out", str(out), "--resume", "--max-rejected-steps", "2", "--quiet"])
+    rc = train_mod.main(["--out", str(out), "--resume", "--max-rejected-steps", "2", "--quiet",
+                         "--device", "cpu"])
     assert rc == 1
     assert "training aborted" in capsys.readouterr().err
     assert (out / "ckpt.pt").read_bytes() == before

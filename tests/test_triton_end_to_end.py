@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(vocab=13, d=8, heads=2, layers=1, T=5),                                   # GPT-style, tied
+    dict(vocab=13, d=8, heads=2, kv_heads=2, layers=1, T=5),                       # GPT-style, tied
     dict(vocab=13, d=8, heads=2, kv_heads=1, layers=1, T=5, mlp="geglu", norm="rms",
          rope=True, bias=False),                                                   # Gemma-style, MQA
 ])

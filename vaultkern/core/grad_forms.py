@@ -91,41 +91,74 @@ def _input_key(form: Factored):
     return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
 
 
-def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List[GradForm]]]:
-    """Σ over ``forms`` of ‖G_i‖², fusing dense linear forms that read the same input.
+# Same-shape norm calls are stacked along the batch dimension into one call while the
+# stacked copies stay under this many bytes (bounded extra memory at the end of backward).
+STACK_BYTES = 256 << 20
 
-    Layers that read one input a (q/k/v projections, GeGLU gate/up) share the
-    activation Gram: Σ_l Σ_{t,s}(a_t·a_s)(g^l_t·g^l_s) = Σ_{t,s}(a_t·a_s)(ĝ_t·ĝ_s)
-    with ĝ = [g^1, g^2, ...] concatenated over output features, and likewise
-    Σ_l ‖g^lᵀa‖² = ‖ĝᵀa‖². So one norm call on (a, ĝ) replaces one per layer,
-    with the ghost/direct choice made for the combined width.
-    Returns the [B] sum and the groups of forms that went into each call.
+
+def summed_self_norms_sq(forms: List[GradForm]) -> Tuple[torch.Tensor, List[List[GradForm]]]:
+    """Σ over ``forms`` of ‖G_i‖², with as few norm calls (kernel launches) as possible.
+
+    1. Layers that read one input a (q/k/v projections, GeGLU gate/up) share the
+       activation Gram: Σ_l Σ_{t,s}(a_t·a_s)(g^l_t·g^l_s) = Σ_{t,s}(a_t·a_s)(ĝ_t·ĝ_s)
+       with ĝ = [g^1, g^2, ...] concatenated over output features, and likewise
+       Σ_l ‖g^lᵀa‖² = ‖ĝᵀa‖². So one norm call on (a, ĝ) replaces one per layer,
+       with the ghost/direct choice made for the combined width.
+    2. The (a, g) pairs left with identical shapes, dtypes and mode (the same
+       projection in every block of a decoder) are stacked along the batch
+       dimension: one call on [L·B, T, ·] gives all L layers' norms, summed per
+       example afterwards. Stacks are split so that a copy stays under STACK_BYTES.
+    Returns the [B] sum and the groups of forms that went into each (a, g) pair.
     """
     groups: Dict[tuple, List[Factored]] = {}
-    singles: List[GradForm] = []
+    others: List[GradForm] = []
     for f in forms:
         if isinstance(f, Factored) and not f.one_hot and f.mode is None:
             groups.setdefault(_input_key(f), []).append(f)
         else:
-            singles.append(f)
-    parts: List[torch.Tensor] = []
+            others.append(f)
+    pairs: List[Tuple[torch.Tensor, torch.Tensor, str]] = []
     done: List[List[GradForm]] = []
     for group in groups.values():
-        if len(group) == 1:
-            singles.append(group[0])
-            continue
         a = group[0].layer_input
-        g = torch.cat([f.output_grad for f in group], dim=-1)
-        B, T, d = a.shape
-        parts.append(ops.linear_norm_sq(a, g, ops.choose_linear_mode(T, d, g.shape[-1])))
+        g = group[0].output_grad if len(group) == 1 else torch.cat([f.output_grad for f in group], -1)
+        pairs.append((a, g, ops.choose_linear_mode(a.shape[1], a.shape[2], g.shape[-1])))
         done.append(list(group))
-    for f in singles:
-        parts.append(self_norm_sq(f))
+    parts: List[torch.Tensor] = []
+    for f in others:
+        if isinstance(f, Factored) and not f.one_hot:  # an explicit mode: its own pair
+            pairs.append((f.right, f.left, f.mode))
+        else:
+            parts.append(self_norm_sq(f))
         done.append([f])
+    parts += _stacked_norms(pairs)
     # one stacked sum instead of one addition per part (fewer kernel launches on a GPU)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else parts[0].dtype
     total = torch.stack([p.to(dtype) for p in parts]).sum(0) if len(parts) > 1 else parts[0]
     return total, done
+
+
+def _stacked_norms(pairs: List[Tuple[torch.Tensor, torch.Tensor, str]]) -> List[torch.Tensor]:
+    """[B] norms of the (a, g, mode) pairs, same-shape pairs stacked into one call."""
+    buckets: Dict[tuple, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+    for a, g, mode in pairs:
+        key = (tuple(a.shape), tuple(g.shape), a.dtype, g.dtype, a.device, mode)
+        buckets.setdefault(key, []).append((a, g))
+    out = []
+    for (a_shape, _, _, _, _, mode), items in buckets.items():
+        B = a_shape[0]
+        per_layer = items[0][0].numel() * items[0][0].element_size() + \
+            items[0][1].numel() * items[0][1].element_size()
+        chunk = max(1, min(len(items), STACK_BYTES // max(per_layer, 1)))
+        for i in range(0, len(items), chunk):
+            part = items[i:i + chunk]
+            if len(part) == 1:
+                out.append(ops.linear_norm_sq(part[0][0], part[0][1], mode))
+                continue
+            a = torch.stack([x for x, _ in part]).flatten(0, 1)   # [L·B, T, d]
+            g = torch.stack([y for _, y in part]).flatten(0, 1)   # [L·B, T, p]
+            out.append(ops.linear_norm_sq(a, g, mode).view(len(part), B).sum(0))
+    return out
 
 
 def _factored_dot_materialized(f: Factored, m: torch.Tensor) -> torch.Tensor:
