@@ -13,6 +13,9 @@
 # the benchmark (1: norm cross-check failed or vaultkern/non-private errored; 124: timeout).
 set -u
 cd "$(dirname "$0")/.."
+# The device tool's copy of the tree may hold a stale .git: write the real HEAD first with
+#   git rev-parse HEAD > .vk_git_sha     (git-ignored; pass it in the tool's carry list)
+[[ -f .vk_git_sha ]] && export VAULTKERN_GIT_SHA="$(cat .vk_git_sha)"
 
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT" bench/results

@@ -542,7 +542,9 @@ def _run_quiet(cmd: List[str], cwd: Optional[str] = None) -> Optional[str]:
 
 def git_sha() -> Optional[str]:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return _run_quiet(["git", "rev-parse", "HEAD"], cwd=repo) or os.environ.get("VAULTKERN_GIT_SHA")
+    # VAULTKERN_GIT_SHA first: a copy of the tree sent to another machine (the GPU device
+    # tool) can carry a stale .git, whose HEAD is not the code that ran
+    return os.environ.get("VAULTKERN_GIT_SHA") or _run_quiet(["git", "rev-parse", "HEAD"], cwd=repo)
 
 
 def backend_info(device: torch.device) -> Dict[str, object]:
