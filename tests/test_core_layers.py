@@ -268,18 +268,3 @@ def test_same_shape_norms_are_stacked_exactly(monkeypatch, layers_per_stack):
     torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
     assert sorted(id(f) for group in done for f in group) == sorted(id(f) for f in forms)
 
-
-@pytest.mark.parametrize("layers_per_stack", [1, 2, 100])
-def test_same_shape_clipped_sums_are_stacked_exactly(layers_per_stack):
-    """clipped_linear_grads_stacked (one batched matmul per chunk) equals one clipped
-    sum per layer, for any chunking."""
-    from vaultkern import ops
-    gen = torch.Generator().manual_seed(1)
-    B, T, rows, cols = 3, 5, 4, 7
-    pairs = [(torch.randn(B, T, rows, generator=gen, dtype=torch.float64),
-              torch.randn(B, T, cols, generator=gen, dtype=torch.float64)) for _ in range(5)]
-    clip = torch.rand(B, generator=gen, dtype=torch.float64)
-    sums = ops.clipped_linear_grads_stacked(pairs, clip, B * T * (rows + cols) * 8 * layers_per_stack)
-    for (left, right), got in zip(pairs, sums):
-        want = torch.einsum("b,btr,btc->rc", clip, left, right)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -139,12 +139,9 @@ class BookKeeper:
         if small:
             sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
             totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
-        stacked_sums = grad_forms.stacked_clipped_sums(
-            [(p, uses[0].form) for p, uses in rest if len(uses) == 1], clip)
+        # One GEMM per layer: stacking same-shape layers into one batched GEMM saved launches
+        # but its copies cost more GPU time than it saved (bench/NOTES.md, stacking A/B).
         for param, uses in rest:
-            if id(param) in stacked_sums:
-                totals.append((param, stacked_sums[id(param)]))
-                continue
             total = None
             for u in uses:
                 g = grad_forms.clipped_sum(u.form, clip, param.shape)

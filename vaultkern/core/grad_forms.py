@@ -203,24 +203,3 @@ def clipped_sum(form: GradForm, clip: torch.Tensor, shape: torch.Size) -> torch.
         return ops.clipped_embedding_grad(form.left, form.right, clip, form.rows).reshape(shape)
     return ops.clipped_linear_grad(form.left, form.right, clip).reshape(shape)
 
-
-def stacked_clipped_sums(items: List[Tuple[torch.nn.Parameter, GradForm]],
-                         clip: torch.Tensor) -> Dict[int, torch.Tensor]:
-    """{id(param): Σ_i clip_i G_i} for the dense factored forms among ``items`` that have a
-    same-shape partner (one batched matmul per group, see clipped_linear_grads_stacked),
-    when the clipped-sum op would take its torch path anyway; others are left out."""
-    buckets: Dict[tuple, List[Tuple[torch.nn.Parameter, Factored]]] = {}
-    for param, f in items:
-        if isinstance(f, Factored) and not f.one_hot:
-            key = (tuple(f.left.shape), tuple(f.right.shape), f.left.dtype, f.right.dtype,
-                   f.left.device)
-            buckets.setdefault(key, []).append((param, f))
-    out: Dict[int, torch.Tensor] = {}
-    for group in buckets.values():
-        if len(group) < 2 or ops.clipped_linear_grad.choose(group[0][1].left) != "torch":
-            continue
-        sums = ops.clipped_linear_grads_stacked([(f.left, f.right) for _, f in group], clip,
-                                                STACK_BYTES)
-        for (param, _), total in zip(group, sums):
-            out[id(param)] = total.reshape(param.shape)
-    return out

@@ -50,44 +50,7 @@ def clipped_linear_grad_torch(left, right, clip) -> torch.Tensor:
     return _as(lhs @ rhs, acc_dtype(left))
 
 
-_MM_OUT_DTYPE = [True, True]  # mm / bmm: set False once out_dtype= is found missing
-
-
-def clipped_linear_grads_stacked(pairs, clip, max_bytes: int):
-    """[Σ_i clip_i L_iᵀ R_i for (L, R) in pairs]: the torch path of clipped_linear_grad for
-    many layers of identical shapes, stacked into one batched matmul per chunk of at most
-    ``max_bytes`` of copies (one scale and one GEMM launch instead of one per layer)."""
-    left0, right0 = pairs[0]
-    low = left0.dtype in (torch.float16, torch.bfloat16) and right0.dtype == left0.dtype
-    dtype = left0.dtype if low else acc_dtype(left0)
-    per_layer = (left0.numel() + right0.numel()) * torch.empty(0, dtype=dtype).element_size()
-    chunk = max(1, min(len(pairs), max_bytes // max(per_layer, 1)))
-    scale = _as(clip, dtype).view(1, -1, *([1] * (left0.dim() - 1)))
-    out = []
-    for i in range(0, len(pairs), chunk):
-        part = pairs[i:i + chunk]
-        if len(part) == 1:
-            out.append(clipped_linear_grad_torch(part[0][0], part[0][1], clip))
-            continue
-        left = torch.stack([_as(l, dtype) for l, _ in part])    # [n, B, T, rows]
-        right = torch.stack([_as(r, dtype) for _, r in part])   # [n, B, T, cols]
-        if left.shape[-1] <= right.shape[-1]:
-            left.mul_(scale)
-        else:
-            right.mul_(scale)
-        lhs = left.flatten(1, -2).transpose(1, 2)                # [n, rows, B·T]
-        rhs = right.flatten(1, -2)                               # [n, B·T, cols]
-        out.extend(_bmm_acc(lhs, rhs, low).unbind(0))
-    return out
-
-
-def _bmm_acc(lhs, rhs, low: bool) -> torch.Tensor:
-    if low and lhs.is_cuda and _MM_OUT_DTYPE[1]:
-        try:  # fp32 result straight from the GEMM
-            return torch.bmm(lhs, rhs, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE[1] = False
-    return _as(torch.bmm(lhs, rhs), acc_dtype(lhs))
+_MM_OUT_DTYPE = [True]  # set False once torch.mm(out_dtype=) is found missing
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
