@@ -202,4 +202,3 @@ def clipped_sum(form: GradForm, clip: torch.Tensor, shape: torch.Size) -> torch.
     if form.one_hot:
         return ops.clipped_embedding_grad(form.left, form.right, clip, form.rows).reshape(shape)
     return ops.clipped_linear_grad(form.left, form.right, clip).reshape(shape)
-

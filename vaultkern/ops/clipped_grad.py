@@ -45,6 +45,8 @@ def clipped_linear_grad_torch(left, right, clip) -> torch.Tensor:
     if low and left.is_cuda and _MM_OUT_DTYPE[0]:
         try:  # bf16/fp16 operands, fp32 result straight from the GEMM (no separate cast)
             return torch.mm(lhs, rhs, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for this case
             _MM_OUT_DTYPE[0] = False
     return _as(lhs @ rhs, acc_dtype(left))
