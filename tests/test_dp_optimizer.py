@@ -181,3 +181,24 @@ def test_sum_reduction_needs_no_batch_size():
     p.grad = torch.tensor([3.0, 4.0])
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([-3.0, -4.0]))
+
+
+def test_cpu_noise_is_the_same_with_one_thread_or_several():
+    """The CPU noise of many tensors runs on a thread pool; values must not depend on it."""
+    from vaultkern import ops
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, generator=gen) for n in (5000, 3, 1200, 0, 77)]
+    offsets = [0, 5000, 5003, 6203, 6203]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            tensors = [t.clone() for t in base]
+            ops.noisy_scale_many(tensors, 0.5, 0.25, seed=4, step=1, offsets=offsets,
+                                 backend="torch")
+            results.append(tensors)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not torch.equal(results[0][0], base[0])
