@@ -32,21 +32,21 @@ void store_le32(uint32_t w, uint8_t* b) {
 }
 
 // The bytes of a uint8 tensor of exactly `nbytes` elements, read on the CPU.
-VK_CHECK_INLINE at::Tensor byte_tensor(const at::Tensor& t, int64_t nbytes, const char* fn, const char* name) {
+inline at::Tensor byte_tensor(const at::Tensor& t, int64_t nbytes, const char* fn, const char* name) {
   VK_CHECK(t.scalar_type() == at::kByte && t.numel() == nbytes, fn, ": ", name,
               " must be a uint8 tensor of ", nbytes, " bytes, got dtype ", t.scalar_type(),
               " with ", t.numel(), " elements");
   return t.to(at::kCPU).contiguous();
 }
 
-VK_CHECK_INLINE chacha::Key key_from(const at::Tensor& key, const char* fn) {
+inline chacha::Key key_from(const at::Tensor& key, const char* fn) {
   at::Tensor k = byte_tensor(key, 32, fn, "key");
   chacha::Key out;
   for (int i = 0; i < 8; ++i) out.w[i] = load_le32(k.data_ptr<uint8_t>() + 4 * i);
   return out;
 }
 
-VK_CHECK_INLINE chacha::Nonce nonce_from(const at::Tensor& nonce, const char* fn) {
+inline chacha::Nonce nonce_from(const at::Tensor& nonce, const char* fn) {
   at::Tensor n = byte_tensor(nonce, 12, fn, "nonce");
   chacha::Nonce out;
   for (int i = 0; i < 3; ++i) out.w[i] = load_le32(n.data_ptr<uint8_t>() + 4 * i);
@@ -54,14 +54,14 @@ VK_CHECK_INLINE chacha::Nonce nonce_from(const at::Tensor& nonce, const char* fn
 }
 
 // The stream of one (key, nonce) must fit in 2^32 blocks: counter + blocks.
-VK_CHECK_INLINE void check_blocks(int64_t counter, uint64_t blocks, const char* fn) {
+inline void check_blocks(int64_t counter, uint64_t blocks, const char* fn) {
   VK_CHECK(counter >= 0 && uint64_t(counter) < kRfcBlocks, fn,
               ": counter must be in [0, 2^32), got ", counter);
   VK_CHECK(uint64_t(counter) + blocks <= kRfcBlocks, fn, ": counter ", counter, " + ", blocks,
               " blocks runs past the 2^32-block stream of one key/nonce; use another nonce");
 }
 
-VK_CHECK_INLINE void check_cuda_build(const at::Device& device, const char* fn) {
+inline void check_cuda_build(const at::Device& device, const char* fn) {
 #ifndef VAULTKERN_WITH_CUDA
   VK_CHECK(!device.is_cuda(), fn, ": device ", device,
               " requested but vaultkern._C was built without CUDA");

@@ -40,14 +40,14 @@ at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-VK_CHECK_INLINE void check_float_cpu(const at::Tensor& t, const char* fn, const char* name, int64_t dim) {
+inline void check_float_cpu(const at::Tensor& t, const char* fn, const char* name, int64_t dim) {
   VK_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ", t.device());
   VK_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name,
               " must be a floating-point tensor, got dtype ", t.scalar_type());
   VK_CHECK(t.dim() == dim, fn, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
-VK_CHECK_INLINE at::Tensor ids_as_long(const at::Tensor& ids, const char* fn) {
+inline at::Tensor ids_as_long(const at::Tensor& ids, const char* fn) {
   VK_CHECK(ids.device().is_cpu(), fn, ": ids must be a CPU tensor, got device ", ids.device());
   VK_CHECK(!at::isFloatingType(ids.scalar_type()) && ids.scalar_type() != at::kBool, fn,
               ": ids must be an integer tensor, got dtype ", ids.scalar_type());
@@ -55,7 +55,7 @@ VK_CHECK_INLINE at::Tensor ids_as_long(const at::Tensor& ids, const char* fn) {
   return ids.to(at::kLong).contiguous();
 }
 
-VK_CHECK_INLINE void check_same(int64_t x, int64_t y, const char* fn, const char* what) {
+inline void check_same(int64_t x, int64_t y, const char* fn, const char* what) {
   VK_CHECK(x == y, fn, ": ", what, " differ (", x, " vs ", y, ")");
 }
 

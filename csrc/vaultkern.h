@@ -22,7 +22,6 @@
 // extension too), and TORCH_CHECK formats its extra arguments with an ostringstream.
 // A single std::string argument is passed through without a stream.
 #define VK_CHECK(cond, ...) TORCH_CHECK(cond, ::vaultkern::detail::message(__VA_ARGS__))
-#define VK_CHECK_INLINE inline
 
 namespace vaultkern {
 
