@@ -11,8 +11,10 @@ keyed from ``os.urandom`` in the compiled extension; it has no seed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -184,14 +186,9 @@ def noisy_scale_many_torch(tensors, std: float, scale: float, *, seed: int, step
             one(i)
 
 
-_pools: dict = {}
-
-
-def _cpu_pool(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
-    if workers not in _pools:
-        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="vaultkern-noise")
-    return _pools[workers]
+@functools.lru_cache(maxsize=None)
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="vaultkern-noise")
 
 
 @triton.jit
@@ -213,22 +210,16 @@ def _noisy_scale_many_kernel(meta_ptr, n_tensors, block_tensor_ptr, block_quad_p
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_block_tables: dict = {}  # (device, sizes, block_quads) -> (block -> tensor, block -> first quad)
 
 
+@functools.lru_cache(maxsize=16)
 def _block_table(device: torch.device, sizes, block_quads: int):
-    key = (device, sizes, block_quads)
-    table = _block_tables.get(key)
-    if table is None:
-        quads_per_block = torch.tensor([triton.cdiv(n, 4 * block_quads) for n in sizes])
-        tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), quads_per_block)
-        first_block = torch.cumsum(quads_per_block, 0) - quads_per_block
-        first_quad = (torch.arange(len(tensor_of)) - first_block[tensor_of]) * block_quads
-        table = (tensor_of.to(device), first_quad.to(device))
-        if len(_block_tables) > 16:
-            _block_tables.clear()
-        _block_tables[key] = table
-    return table
+    """(program -> tensor index, program -> first quad) on ``device``; depends only on sizes."""
+    blocks_per_tensor = torch.tensor([triton.cdiv(n, 4 * block_quads) for n in sizes])
+    tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), blocks_per_tensor)
+    first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+    first_quad = (torch.arange(len(tensor_of)) - first_block[tensor_of]) * block_quads
+    return tensor_of.to(device), first_quad.to(device)
 
 
 @noisy_scale_many.register("triton")
