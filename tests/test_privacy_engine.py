@@ -1,11 +1,14 @@
 """PrivacyEngine end to end on a patched model: Opacus parity, accounting, resume."""
 import copy
+import math
 import warnings
 
+import dp_accounting as dpa
 import opacus
 import pytest
 import torch
 from torch import nn
+from dp_accounting.pld import pld_privacy_accountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from vaultkern.privacy import Accountant, PrivacyEngine
@@ -29,10 +32,16 @@ class TinyNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(self.emb(ids).mean(1))))
 
 
-def dataset():
+def dataset(n=N):
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randint(0, VOCAB, (N, SEQ), generator=g),
-                         torch.randint(0, 3, (N,), generator=g))
+    return TensorDataset(torch.randint(0, VOCAB, (n, SEQ), generator=g),
+                         torch.randint(0, 3, (n,), generator=g))
+
+
+def direct_pld_epsilon(one_step_event, steps, grid=1e-4):
+    """ε of `steps` compositions of an event, from dp-accounting itself."""
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=grid)
+    return acc.compose(dpa.SelfComposedDpEvent(one_step_event, steps)).get_epsilon(DELTA)
 
 
 def fresh_model():
@@ -105,30 +114,38 @@ def test_plain_opacus_style_loop_grows_epsilon_as_accounted():
 @pytest.mark.parametrize("skip_empty", [True, False], ids=["loop-skips-empty", "unchanged-loop"])
 def test_empty_poisson_batches_still_step_with_noise(skip_empty):
     """Empty Poisson batches are noise-only steps, whether the loop skips forward/backward on
-    them or (the unchanged Opacus loop) runs 0 rows through them, adding nothing."""
+    them or (the unchanged Opacus loop) runs 0 rows through them, adding nothing.
+
+    N = 25, B = 5: B̄ = 5, so each step moves every element by σC/B̄·ξ = ξ/5 (SGD, lr=1,
+    mean loss). Two passes = 10 steps x 149 elements = 1490 draws: the sample std has
+    relative sd 1.8 %, the 10 % tolerance is 5.5 sd wide and catches a missing or extra
+    1/B̄ (x5), a realised batch size (0: division by zero) or σ, C swapped for 1."""
+    n, b = 25, 5
     model = fresh_model()
     eng = engine()
     model, optimizer, loader = eng.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        data_loader=DataLoader(dataset(), batch_size=1), noise_multiplier=1.0,
+        data_loader=DataLoader(dataset(n), batch_size=b), noise_multiplier=1.0,
         max_grad_norm=1.0, seed=0)
     loader.batch_sampler.sample_rate = 1e-12  # every batch empty
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    before = [p.detach().clone() for p in model.parameters()]
-    if skip_empty:
-        steps = train(model, optimizer, loader, criterion)
-    else:
-        steps = 0
+    criterion = nn.CrossEntropyLoss()
+    deltas, steps = [], 0
+    for _ in range(2):
         for ids, y in loader:
             assert ids.shape[0] == 0
-            criterion(model(ids), y).backward()
-            assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+            before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+            if not skip_empty:
+                criterion(model(ids), y).backward()
+                assert all(p.grad is None or not p.grad.any() for p in model.parameters())
             optimizer.step()
             optimizer.zero_grad()
             steps += 1
-    assert steps == N and eng.accountant.total_steps == N
-    for p, p0 in zip(model.parameters(), before):
-        assert (p != p0).all()  # noise reached every parameter
+            deltas.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    assert steps == 10 and eng.accountant.total_steps == 10
+    deltas = torch.stack(deltas)
+    assert (deltas != 0).all()  # noise reached every element at every step
+    assert deltas.std().item() == pytest.approx(1.0 / b, rel=0.10)
+    assert abs(deltas.mean().item()) < 6 * (1.0 / b) / math.sqrt(deltas.numel())
 
 
 def run_resumable(model, seed, state=None, steps=3):
@@ -163,16 +180,21 @@ def test_resume_gives_identical_parameters_and_epsilon():
 
 
 def test_make_private_with_epsilon_spends_the_target():
+    # N = 25, B = 6: q = 0.24 (1/len(loader) = 0.2 would calibrate too little noise)
     model = fresh_model()
     eng = engine()
     model, optimizer, loader = eng.make_private_with_epsilon(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(dataset(), batch_size=6), target_epsilon=3.0,
+        data_loader=DataLoader(dataset(25), batch_size=6), target_epsilon=3.0,
         target_delta=DELTA, epochs=2, max_grad_norm=1.0, seed=0)
     for _ in range(2):
         train(model, optimizer, loader, nn.CrossEntropyLoss())
-    assert eng.accountant.total_steps == 8
+    assert eng.accountant.total_steps == 10
     assert 0.99 * 3.0 <= eng.get_epsilon(DELTA) <= 3.0
+    # the ε of what was done, from dp-accounting directly: 10 Poisson steps at q = 6/25
+    sigma = optimizer.noise_multiplier
+    spent = direct_pld_epsilon(dpa.PoissonSampledDpEvent(6 / 25, dpa.GaussianDpEvent(sigma)), 10)
+    assert 0.99 * 3.0 <= spent <= 3.0
 
 
 def test_micro_batches_match_whole_logical_batches():
@@ -202,11 +224,12 @@ def test_micro_batches_match_whole_logical_batches():
 
 
 def test_truncated_poisson_training_is_accounted_as_truncated():
+    n = 25  # B = 6: q = 6/25 = 0.24 (not 1/len(loader) = 0.2)
     model = fresh_model()
     eng = engine(accountant=Accountant("pld", pld_discretization=1e-3))
     model, optimizer, loader = eng.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(dataset(), batch_size=6), noise_multiplier=1.0,
+        data_loader=DataLoader(dataset(n), batch_size=6), noise_multiplier=1.0,
         max_grad_norm=1.0, truncated_max_batch=8, loss_reduction="sum", seed=0)
     criterion = nn.CrossEntropyLoss(reduction="none")
     for (ids, y), weights in loader:
@@ -214,9 +237,14 @@ def test_truncated_poisson_training_is_accounted_as_truncated():
         (criterion(model(ids), y) * weights).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-    entry = eng.accountant.history[0]
-    assert entry.num_steps == 4 and entry.truncated_max_batch == 8 and entry.dataset_size == N
-    assert eng.get_epsilon(DELTA) > 0
+    (entry,) = eng.accountant.history
+    assert entry.num_steps == 5 and entry.truncated_max_batch == 8 and entry.dataset_size == n
+    assert entry.sample_rate == pytest.approx(6 / 25, rel=1e-12)
+    # ε of 5 truncated-Poisson steps from dp-accounting directly, on the same PLD grid
+    truncated = dpa.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=n, sampling_probability=6 / 25, truncated_batch_size=8, noise_multiplier=1.0)
+    assert eng.get_epsilon(DELTA) == pytest.approx(direct_pld_epsilon(truncated, 5, grid=1e-3),
+                                                   rel=1e-9)
     other = TinyNet()
     with pytest.raises(ValueError, match="PLD"):
         engine(accountant="rdp").make_private(

@@ -1,5 +1,6 @@
 """Poisson / truncated Poisson batches, loaders, micro-batches."""
 import collections
+import math
 
 import numpy as np
 import pytest
@@ -64,9 +65,16 @@ def test_resume_from_state_dict_continues_the_same_order():
 
 
 def test_secure_sampler_and_argument_errors():
-    sampler = PoissonBatchSampler(1000, 0.1, 20, secure=True)
-    sizes = [len(b) for b in sampler]
-    assert 60 < np.mean(sizes) < 140
+    # os.urandom cannot be seeded, so the margin must make the outcome certain in practice:
+    # the total over 2000 steps is Binomial(2e6, 0.1), mean 2e5, sd 424. |z| < 6 fails with
+    # probability 2e-9; a 5 % error in q moves the total by 1e4 = 23.6 sd.
+    n, q, steps = 1000, 0.1, 2000
+    sizes = np.array([len(b) for b in PoissonBatchSampler(n, q, steps, secure=True)])
+    mean, sd = steps * n * q, math.sqrt(steps * n * q * (1 - q))
+    assert abs(sizes.sum() - mean) < 6 * sd, (sizes.sum(), mean)
+    # and the sizes spread like Binomial(1000, 0.1) (variance 90), not a fixed batch:
+    # the sample variance of 2000 draws has sd ~ 90·sqrt(2/2000) = 2.8
+    assert 70 < sizes.var() < 110
     with pytest.raises(ValueError, match="generator"):
         PoissonBatchSampler(10, 0.1, 2, generator=seeded(0), secure=True)
     with pytest.raises(ValueError, match="sample_rate=0"):
@@ -89,8 +97,24 @@ def test_pad_to_max_batch_and_truncated_helper():
     assert idx.tolist() == [4, 9, 0, 0, 0] and w.tolist() == [1, 1, 0, 0, 0]
     with pytest.raises(ValueError, match="exceeds max_batch_size=1"):
         pad_to_max_batch([1, 2], 1)
+    # q = 0.5 of 50: P(fewer than 8 sampled) = P(Binomial(50, 0.5) < 8) = 2e-7, so the
+    # batch is truncated to 8 distinct real rows, no padding
     idx, w = truncated_poisson_batch(50, 0.5, 8, generator=seeded(0))
-    assert idx.shape == (8,) and w.shape == (8,) and w.sum() <= 8
+    assert idx.shape == (8,) and w.tolist() == [1.0] * 8
+    assert len(set(idx.tolist())) == 8 and all(0 <= i < 50 for i in idx.tolist())
+    # q = 0.05 of 50, cap 3: the number of real rows is min(Binomial(50, 0.05), 3), padding
+    # rows (pad_index, weight 0) fill the rest; chi-square against scipy's binomial
+    gen, draws, pad = seeded(1), 3000, 49
+    counts = np.zeros(4)
+    for _ in range(draws):
+        idx, w = truncated_poisson_batch(50, 0.05, 3, generator=gen, pad_index=pad)
+        real = int(w.sum())
+        assert w[:real].eq(1).all() and w[real:].eq(0).all()
+        assert idx[real:].eq(pad).all() and len(set(idx[:real].tolist())) == real
+        counts[real] += 1
+    pmf = stats.binom.pmf(np.arange(3), 50, 0.05)
+    expected = np.append(pmf, 1 - pmf.sum()) * draws
+    assert stats.chisquare(counts, expected).pvalue > 1e-4, (counts, expected)
 
 
 def test_split_microbatches():
@@ -98,6 +122,32 @@ def test_split_microbatches():
     assert split_microbatches([], 3) == [[]]
     with pytest.raises(ValueError, match="max_physical_batch_size=0"):
         split_microbatches([1], 0)
+
+
+@pytest.mark.parametrize("n, b", [(50, 8), (103, 10)])
+def test_poisson_loader_draws_batch_over_n_when_n_is_not_a_multiple(n, b):
+    """The rows a Poisson loader yields, counted: their mean is B/N per example and step.
+
+    (50, 8): 1/len(loader) = 1/7 would be 11 % low; (103, 10): 1/11 would be 6.4 % low.
+    5000 batches: the total is Binomial(5000·N, q) with S·N·q = 40000 and 50000 and sd
+    <= 211; a 5 % error in q moves it by >= 2000 = 10 sd, |z| < 5 leaves >= 5 sd either way.
+    """
+    q = b / n
+    loader = make_poisson_loader(DataLoader(TensorDataset(torch.arange(n)), batch_size=b),
+                                 generator=seeded(n))
+    batches, total, seen = 0, 0, np.zeros(n)
+    while batches < 5000:
+        for (ids,) in loader:
+            total += len(ids)
+            seen[ids.numpy()] += 1
+            batches += 1
+    mean = batches * n * q
+    z = (total - mean) / math.sqrt(mean * (1 - q))
+    assert abs(z) < 5, (total, mean, z)
+    # every example, including those of the short last chunk of a fixed batching, is drawn
+    # at the same rate: per-example counts are Binomial(batches, q), chi-square over N
+    chi2 = ((seen - batches * q) ** 2 / (batches * q * (1 - q))).sum()
+    assert stats.chi2.sf(chi2, n) > 1e-4
 
 
 class DictDataset(Dataset):
@@ -112,11 +162,13 @@ class DictDataset(Dataset):
 
 
 def test_poisson_loader_rate_length_and_empty_batches():
-    data = TensorDataset(torch.randn(40, 3), torch.arange(40))
+    # N = 42 is not a multiple of B = 4: q = 4/42 = 0.0952, while 1/len(loader) = 1/11
+    data = TensorDataset(torch.randn(42, 3), torch.arange(42))
     loader = DataLoader(data, batch_size=4, shuffle=True)
     poisson = make_poisson_loader(loader, generator=seeded(0))
     sampler = poisson_sampler_of(poisson)
-    assert sampler.sample_rate == pytest.approx(0.1) and len(poisson) == len(loader) == 10
+    assert sampler.sample_rate == pytest.approx(4 / 42, rel=1e-12)
+    assert len(poisson) == len(loader) == 11
     for x, y in poisson:
         assert x.shape[1:] == (3,) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert torch.equal(data.tensors[0][y], x)
@@ -131,7 +183,7 @@ def test_poisson_loader_rate_length_and_empty_batches():
 
 
 def test_truncated_poisson_loader_yields_fixed_shapes_and_weights():
-    data = TensorDataset(torch.arange(60, dtype=torch.float32).view(30, 2))
+    data = TensorDataset(torch.arange(62, dtype=torch.float32).view(31, 2))
     loader = make_poisson_loader(DataLoader(data, batch_size=5), generator=seeded(2),
                                  truncated_poisson=True, max_batch_size=7)
     seen_padding = False
@@ -142,6 +194,7 @@ def test_truncated_poisson_loader_yields_fixed_shapes_and_weights():
         seen_padding |= real < 7
     assert seen_padding
     assert poisson_sampler_of(loader).max_batch_size == 7
+    assert poisson_sampler_of(loader).sample_rate == pytest.approx(5 / 31, rel=1e-12)
     with pytest.raises(ValueError, match="max_batch_size"):
         make_poisson_loader(DataLoader(data, batch_size=5), truncated_poisson=True)
     with pytest.raises(ValueError, match="max_batch_size=3"):
