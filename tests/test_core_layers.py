@@ -57,7 +57,7 @@ def test_linear_modes_agree(mode):
     torch.manual_seed(1)
     m = nn.Linear(9, 11)
     x, y = torch.randn(4, 6, 9), torch.randn(4, 6, 11)
-    check(m, (x, y), sq_loss, C=0.3, rules={"": vk.LinearRule(mode=mode)})
+    check(m, (x, y), sq_loss, C=0.3, linear_mode=mode)
 
 
 def test_linear_float32_and_clipping_inactive():
@@ -111,7 +111,7 @@ def test_layernorm_multidim_normalized_shape():
 
 
 class Scaled(nn.Module):
-    """No rule exists: generic torch.func path. y = x * exp(s) + t."""
+    """y = x * exp(s) + t: a derived value (exp of a parameter) met by data."""
 
     def __init__(self, d):
         super().__init__()
@@ -122,11 +122,36 @@ class Scaled(nn.Module):
         return x * self.s.exp() + self.t
 
 
-def test_generic_module():
+def test_module_written_out():
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(4, 6), Scaled(6), nn.Tanh(), nn.Linear(6, 2))
     check(model, (torch.randn(5, 3, 4), torch.randn(5, 3, 2)), sq_loss, C=0.4)
-    assert {s.rule.name for s in vk.patch(model) and vk.core.patched_sites(model)} >= {"generic", "linear"}
+    vk.patch(model)
+    sq_loss(model, (torch.randn(5, 3, 4).double(), torch.randn(5, 3, 2).double())).sum().backward()
+    kinds = {k for s in vk.core.patched_sites(model) for k in s.kinds}
+    assert kinds == {"elementwise", "linear"}, kinds
+    vk.unpatch(model)
+
+
+class Rotated(nn.Module):
+    """No dedicated rule for a parameter inside torch.roll: the generic torch.func path."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) * 0.3)
+
+    def forward(self, x):
+        return torch.einsum("btd,de->bte", x, self.w).roll(1, -1)
+
+
+def test_generic_call_is_exact_and_announced():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 5), Rotated(5))
+    check(model, (torch.randn(3, 2, 4), torch.randn(3, 2, 5)), sq_loss, C=0.4)
+    vk.patch(model)
+    with pytest.warns(RuntimeWarning, match=r"'1' \(Rotated\) via einsum"):
+        sq_loss(model, (torch.randn(3, 2, 4).double(), torch.randn(3, 2, 5).double())).sum().backward()
+    assert "generic(einsum)" in vk.summary(model)
     vk.unpatch(model)
 
 

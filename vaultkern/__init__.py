@@ -8,9 +8,8 @@
 """
 from vaultkern._version import __version__  # noqa: F401
 from vaultkern.core import (  # noqa: F401
-    patch, unpatch, last_norms, register_rule, LayerRule, LinearRule, Conv1DRule, EmbeddingRule,
-    AffineNormRule, GenericRule, UnsupportedModuleError, UnclippedGradientError,
-    NonFiniteGradientError, BatchLayoutError)
+    patch, unpatch, last_norms, summary, set_row_mask, UnsupportedModuleError,
+    UnclippedGradientError, NonFiniteGradientError, BatchLayoutError)
 from vaultkern.info import info  # noqa: F401
 
 _LAZY = {

@@ -10,6 +10,16 @@ callback queued on the autograd engine runs when the backward pass ends and
 4. adds Σ_i clip_i g_i to each ``p.grad`` (one matmul per linear use),
 
 then frees everything it kept (DESIGN.md §1-3).
+
+The callback belongs to the *outermost* backward pass that reaches the model:
+the model's outputs carry a node that queues it (and a forward recomputed
+inside a backward, as checkpointing does, queues it on the backward that runs
+the recomputation), so the nested backward passes of reentrant checkpointing
+report their uses and clipping runs once, over the whole model.
+
+An example whose norm is NaN/inf gets clip factor 0 (its rows are zeroed in
+the kept tensors, so nothing of it reaches p.grad) and is counted in
+``nonfinite_examples``; rows masked out by ``set_row_mask`` (padding) get 0 too.
 """
 from __future__ import annotations
 
@@ -20,24 +30,18 @@ import torch
 from torch import nn
 
 from vaultkern.core import grad_forms
+from vaultkern.core.errors import BatchLayoutError, NonFiniteGradientError
 from vaultkern.core.grad_forms import GradForm
-from vaultkern.core.site import LayerSite
+from vaultkern.core.site import Site
 
 CLIP_EPS = 1e-6
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Raised when a per-example gradient norm is NaN/inf; no gradient is written."""
-
-
-class BatchLayoutError(ValueError):
-    """Layers of one backward pass disagree on the batch size (dim 0)."""
+NONFINITE_POLICIES = ("drop", "raise")
 
 
 class _Use:
     __slots__ = ("site", "form", "forward_id")
 
-    def __init__(self, site: LayerSite, form: GradForm, forward_id: int):
+    def __init__(self, site: Site, form: GradForm, forward_id: int):
         self.site, self.form, self.forward_id = site, form, forward_id
 
 
@@ -45,21 +49,32 @@ class BookKeeper:
     """Per patched model: collects gradient forms during backward, clips at its end."""
 
     def __init__(self, max_grad_norm: float, loss_reduction: str, allow_multiple_forwards: bool = False,
-                 allow_empty_batch: bool = False):
+                 allow_empty_batch: bool = False, nonfinite: str = "drop"):
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.allow_multiple_forwards = allow_multiple_forwards
         self.allow_empty_batch = allow_empty_batch
-        self.forward_id = 0
+        self.nonfinite = nonfinite
+        self.nonfinite_examples = 0   # cumulative count of examples dropped as NaN/inf (private)
         self.last_norms: Optional[torch.Tensor] = None
+        self.row_mask: Optional[torch.Tensor] = None   # for the next backward (set_row_mask)
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
         self._callback_queued = False
 
+    def __getstate__(self):  # a copy starts with nothing pending
+        state = dict(self.__dict__)
+        state["_uses"], state["_callback_queued"] = OrderedDict(), False
+        return state
+
     # -- during backward -------------------------------------------------------------------
-    def add(self, site: LayerSite, forms: Dict[nn.Parameter, GradForm], forward_id: int) -> None:
+    def queue(self) -> None:
+        """Clip when the backward pass running now ends (called from its outermost level)."""
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self._callback_queued = True
+
+    def add(self, site: Site, forms: Dict[nn.Parameter, GradForm], forward_id: int) -> None:
+        self.queue()  # normally queued already by the model's output node
         for param, form in forms.items():
             entry = self._uses.setdefault(id(param), (param, []))
             entry[1].append(_Use(site, form, forward_id))
@@ -79,7 +94,7 @@ class BookKeeper:
             groups.clear()
 
     def _check_layout(self, groups) -> int:
-        batch_of: Dict[LayerSite, int] = {}
+        batch_of: Dict[Site, int] = {}
         forward_ids = set()
         for _, uses in groups:
             for u in uses:
@@ -87,11 +102,12 @@ class BookKeeper:
                 forward_ids.add(u.forward_id)
         sizes = set(batch_of.values())
         if len(sizes) > 1:
-            listing = ", ".join(f"{site.describe()}: {v}" for site, v in batch_of.items())
+            first = next(iter(batch_of.values()))
+            odd = [f"{site.describe()}: {v}" for site, v in batch_of.items() if v != first]
             raise BatchLayoutError(
-                "vaultkern: layers of one backward pass disagree on the batch size (dim 0 of "
-                f"their inputs must index examples): {listing}. A common cause is an input shared "
-                "across the batch, e.g. position ids of shape [1, T]: expand it to [B, T].")
+                f"vaultkern: {odd[0]} examples, but other layers of the same backward pass had "
+                f"{first} (dim 0 of their inputs must index examples); one backward pass covers "
+                "forwards of different batch sizes.")
         if len(forward_ids) > 1 and not self.allow_multiple_forwards:
             raise BatchLayoutError(
                 "vaultkern: one backward pass covers several forward passes of the patched "
@@ -132,28 +148,37 @@ class BookKeeper:
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         norms = norm_sq.clamp(min=0).sqrt() * scale
         clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
-        # Every clipped sum is queued before the one host-device synchronisation below (the
-        # finiteness check), so on a GPU the host never waits in the middle of the work.
-        # Nothing is written to p.grad before that check passes.
-        totals: List[Tuple[nn.Parameter, torch.Tensor]] = []
-        if small:
-            sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
-            totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
-        # One GEMM per layer: stacking same-shape layers into one batched GEMM saved launches
-        # but its copies cost more GPU time than it saved (bench/NOTES.md, stacking A/B).
-        for param, uses in rest:
-            total = None
-            for u in uses:
-                g = grad_forms.clipped_sum(u.form, clip, param.shape)
-                total = g if total is None else total + g
-            totals.append((param, total))
-        if not torch.isfinite(norms).all():
-            bad_rows = (~torch.isfinite(norms)).nonzero().flatten().tolist()[:10]
-            bad_params = self._nonfinite_layers(groups)
+        mask, self.row_mask = self.row_mask, None
+        if mask is not None:
+            if mask.shape != (batch,):
+                raise BatchLayoutError(f"vaultkern: set_row_mask got a mask of shape "
+                                       f"{tuple(mask.shape)} for a batch of {batch} examples")
+            clip = clip * mask.to(device=clip.device, dtype=clip.dtype)
+        # Every clipped sum is queued before the one host-device synchronisation (which
+        # examples are not finite), so on a GPU the host never waits in the middle of the work.
+        totals = _clipped_totals(small, stacked if small else None, rest, clip, acc)
+        nonfinite = ~torch.isfinite(norms)
+        counted = nonfinite if mask is None else nonfinite & mask.to(nonfinite.device, torch.bool)
+        n_zero, n_bad = (int(n) for n in torch.stack([nonfinite.sum(), counted.sum()]).tolist())
+        if n_bad and self.nonfinite == "raise":
+            rows = counted.nonzero().flatten().tolist()[:10]
             raise NonFiniteGradientError(
-                f"vaultkern: non-finite per-example gradient norm for examples {bad_rows} "
-                f"(layers: {', '.join(bad_params[:5])}); is the loss NaN/inf? No gradient was "
-                "written for this backward pass.")
+                f"vaultkern: non-finite per-example gradient norm for examples {rows} "
+                f"(layers: {', '.join(self._nonfinite_layers(groups)[:5])}); is the loss "
+                "NaN/inf? No gradient was written for this backward pass.")
+        if n_zero:  # clip factor 0 and rows zeroed in the kept tensors (0·NaN is still NaN)
+            self.nonfinite_examples += n_bad
+            clip = torch.where(nonfinite, torch.zeros_like(clip), clip)
+            keep = ~nonfinite
+            small = [(p, grad_forms.zero_rows(f, keep)) for p, f in small]
+            rest = [(p, [_Use(u.site, grad_forms.zero_rows(u.form, keep), u.forward_id) for u in uses])
+                    for p, uses in rest]
+            stacked = torch.cat([f.per_example.reshape(batch, p.numel()).to(acc) for p, f in small],
+                                1) if small else None
+            totals = _clipped_totals(small, stacked, rest, clip, acc)
+        if mask is not None:  # padding rows: reported norm 0, whatever their content
+            norms = torch.where(mask.to(device=norms.device, dtype=torch.bool), norms,
+                                torch.zeros_like(norms))
         self.last_norms = norms.detach()
         for param, total in totals:
             _accumulate(param, total)
@@ -170,6 +195,23 @@ class BookKeeper:
                 if not all(bool(torch.isfinite(t).all()) for t in tensors):
                     bad.add(u.site.describe())
         return sorted(bad)
+
+
+def _clipped_totals(small, stacked, rest, clip, acc) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+    """Σ_i clip_i g_i for every parameter."""
+    totals: List[Tuple[nn.Parameter, torch.Tensor]] = []
+    if small:
+        sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
+        totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
+    # One GEMM per layer: stacking same-shape layers into one batched GEMM saved launches
+    # but its copies cost more GPU time than it saved (bench/NOTES.md, stacking A/B).
+    for param, uses in rest:
+        total = None
+        for u in uses:
+            g = grad_forms.clipped_sum(u.form, clip, param.shape)
+            total = g if total is None else total + g
+        totals.append((param, total))
+    return totals
 
 
 def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:

@@ -68,6 +68,18 @@ class Materialized:
 GradForm = Union[Factored, Materialized]
 
 
+def zero_rows(form: GradForm, keep: torch.Tensor) -> GradForm:
+    """The form with the examples where ``keep`` is False set to exactly 0 (NaN included)."""
+    def z(t):
+        k = keep.view(-1, *([1] * (t.dim() - 1))).to(t.device)
+        return torch.where(k, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    if isinstance(form, Materialized):
+        return Materialized(z(form.per_example))
+    if form.one_hot:
+        return Factored(form.left, z(form.right), one_hot=True, rows=form.rows, mode=form.mode)
+    return Factored(z(form.left), z(form.right), mode=form.mode, input_side=form.input_side)
+
+
 def _flat(m: torch.Tensor) -> torch.Tensor:
     """[B, *shape] -> [B, n]; also for B = 0, where reshape(B, -1) is ambiguous."""
     return m.reshape(m.shape[0], math.prod(m.shape[1:]))

@@ -1,111 +1,260 @@
 """``vk.patch`` / ``vk.unpatch`` / ``vk.last_norms``: the one-call front door.
 
-``patch`` walks the model, picks a rule for every module that owns trainable
-parameters (:mod:`vaultkern.core.rules`), and replaces that module's forward on
-the instance (the class is untouched). After a patched backward every
-trainable ``p.grad`` holds Σ_i clip_i g_i.
+``patch`` changes no forward. It adds hooks: every module that owns trainable
+parameters runs its own forward under the capture mode
+(:mod:`vaultkern.core.capture`), which routes each call that consumes a
+trainable parameter through a handler that records what per-example clipping
+needs; the model's own hooks note the batch size, start a forward, check the
+batch layout once (:mod:`vaultkern.core.probe`) and mark the outputs so that
+clipping runs at the end of the outermost backward pass. After a patched
+backward every trainable ``p.grad`` holds Σ_i clip_i g_i.
 
-Safety net: every trainable parameter also gets a hook that fires if autograd
-ever accumulates an ordinary (unclipped) gradient into it — which can only
-happen if the parameter is used outside its patched module's forward — and
-raises instead of silently training on unclipped gradients.
+Everything ``patch`` attaches is a plain object (no closures), so a patched
+model deep-copies into an independent patched model and pickles with
+``torch.save``; the runtime tables are rebuilt on the copy's first forward.
+
+Safety net: every trainable parameter also has a hook that raises if autograd
+ever accumulates an ordinary (unclipped) gradient into it.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from vaultkern.core.bookkeeping import BookKeeper
-from vaultkern.core.generic import GenericRule
-from vaultkern.core.rules import LayerRule, rule_for
-from vaultkern.core.site import LayerSite
+from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
+from vaultkern.core.capture import Capture, CaptureMode
+from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
+from vaultkern.core.site import Site
 
 LOSS_REDUCTIONS = ("sum", "mean")
+LINEAR_MODES = (None, "ghost", "direct")
+_BATCH_KWARGS = ("input_ids", "inputs_embeds", "input", "x", "hidden_states", "ids")
+UNSUPPORTED = {
+    nn.modules.batchnorm._BatchNorm: "batch norm mixes examples within a batch (its statistics "
+                                      "are batch statistics); use LayerNorm/GroupNorm instead",
+}
 
 
-class UnclippedGradientError(RuntimeError):
-    """A trainable parameter received a gradient that bypassed per-example clipping."""
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
 
 
 class _PatchState:
-    def __init__(self, bookkeeper: BookKeeper):
+    """Everything a patched model carries (picklable; runtime tables rebuilt lazily)."""
+
+    def __init__(self, model: nn.Module, bookkeeper: BookKeeper, linear_mode: Optional[str]):
+        self.model = model
         self.bookkeeper = bookkeeper
-        self.sites: List[LayerSite] = []
-        self.handles: list = []
-        self.had_instance_forward: Dict[int, object] = {}
+        self.linear_mode = linear_mode
+        self.sites: Dict[str, Site] = {}
+        self.root_site = Site("", type(model).__name__, set())
+        self.forward_id = 0
+        self.batch = 0
+        self.layout_checked = False
+        self.model_active = False   # inside the patched model's own forward
+        self.root_reads = False     # the model's own forward reads trainable parameters
+        self.probing = False        # the layout check's forwards are running
+        self.generic_pending: List[str] = []
+        self._runtime = None  # (capture, mode), built on first use
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_runtime"] = None
+        return state
+
+    # -- runtime --------------------------------------------------------------------------
+    def runtime(self):
+        if self._runtime is None:
+            capture = Capture(self)
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            capture.track_parameters(params, self.model.buffers())
+            for name, p in params:
+                if not any(isinstance(h, _Guard) for h in (p._backward_hooks or {}).values()):
+                    p.register_hook(_Guard(name))
+            self._runtime = (capture, CaptureMode(capture))
+        return self._runtime
+
+    @property
+    def capture(self) -> Capture:
+        return self.runtime()[0]
+
+    def enter(self, site: Site, args, kwargs) -> None:
+        capture, mode = self.runtime()
+        if not capture.site_stack:
+            if _in_backward():       # a forward recomputed by checkpointing: clip at the end
+                self.bookkeeper.queue()  # of the backward that recomputes it
+            elif not self.model_active:  # a submodule called on its own
+                self.start_forward(args, kwargs)
+            mode.__enter__()
+        capture.site_stack.append(site)
+
+    def exit(self) -> None:
+        capture, mode = self.runtime()
+        if capture.site_stack:
+            capture.site_stack.pop()
+            if not capture.site_stack:
+                mode.__exit__(None, None, None)
+                if not self.model_active:
+                    capture.forget_derived()
+
+    def note_generic(self, what: str) -> None:
+        self.generic_pending.append(what)
+
+    def start_forward(self, args, kwargs) -> None:
+        bk = self.bookkeeper
+        if bk._callback_queued or bk._uses:
+            bk.reset()  # left over from a backward pass that failed part-way
+        self.forward_id += 1
+        self.batch = _batch_of(args, kwargs, self.bookkeeper.allow_empty_batch)
 
 
-def _owns_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+class _Guard:
+    def __init__(self, name: str):
+        self.name = name
 
-
-def _subtree_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-def _plan(model: nn.Module, rule_overrides) -> List[tuple]:
-    """[(path, module, rule)] for every module whose parameters need a rule."""
-    plan, covered = [], set()
-    for path, module in model.named_modules():
-        if any(path.startswith(c + ".") if c else path != "" for c in covered):
-            continue  # inside a module whose rule handles its whole subtree
-        rule = rule_overrides.get(path) if rule_overrides else None
-        rule = rule or rule_for(module, path)
-        if rule is not None and rule.covers_subtree:
-            if _subtree_trainable(module):
-                rule.check(module, path)
-                plan.append((path, module, rule))
-            covered.add(path)
-            continue
-        if not _owns_trainable(module):
-            continue
-        if rule is None:
-            child_params = [n for n, p in module.named_parameters() if p.requires_grad and "." in n]
-            if child_params:
-                warnings.warn(
-                    f"vaultkern: module '{path or '<root>'}' ({type(module).__name__}) owns "
-                    "trainable parameters and also has submodules with parameters; it is handled "
-                    "as one unit by the generic torch.func path (exact, but it materialises "
-                    "per-example gradients of the whole subtree). Move its own parameters into a "
-                    "submodule (e.g. nn.Embedding for learned positions) to avoid this.",
-                    RuntimeWarning, stacklevel=3)
-                rule = GenericRule(covers_subtree=True)
-                covered.add(path)
-            else:
-                rule = GenericRule()
-        rule.check(module, path)
-        plan.append((path, module, rule))
-    return plan
-
-
-def _make_forward(site: LayerSite, rule: LayerRule):
-    @functools.wraps(site.original_forward)
-    def forward(*args, **kwargs):
-        if site.bypassing:
-            return site.original_forward(*args, **kwargs)
-        return rule.forward(site, *args, **kwargs)
-    return forward
-
-
-def _guard_hook(name: str):
-    def hook(grad: Optional[torch.Tensor]) -> None:
-        if grad is None:  # patched uses hand autograd no gradient for the parameter
+    def __call__(self, grad):
+        if grad is None:
             return
         raise UnclippedGradientError(
-            f"vaultkern: parameter '{name}' received an ordinary (unclipped) gradient: it is used "
-            "outside the forward of the module that owns it (e.g. a weight read directly by "
-            "another module, or a bare nn.Parameter used in a parent's forward). Register a rule "
-            "for that module (vaultkern.register_rule) or restructure it.")
-    return hook
+            f"vaultkern: parameter '{self.name}' received an ordinary (unclipped) gradient: it "
+            "was read outside the forward of the patched model (e.g. by code that calls a "
+            "submodule's weight after the model returned, or by a module vaultkern never saw). "
+            "Compute everything that uses trainable parameters inside the patched model's forward.")
+
+
+class _EnterCapture:
+    """Forward pre-hook of a module that reads trainable parameters."""
+
+    def __init__(self, state: _PatchState, site: Site):
+        self.state, self.site = state, site
+
+    def __call__(self, module, args, kwargs):
+        if not self.state.probing:
+            self.state.enter(self.site, args, kwargs)
+
+
+class _ExitCapture:
+    def __init__(self, state: _PatchState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs, output):
+        if not self.state.probing:
+            self.state.exit()
+
+
+class _ModelStart:
+    """Forward pre-hook of the patched model: a new forward (or a recomputation)."""
+
+    def __init__(self, state: _PatchState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        st = self.state
+        if st.probing:
+            return
+        if not _in_backward():
+            st.start_forward(args, kwargs)
+            if not st.layout_checked and torch.is_grad_enabled():
+                from vaultkern.core.probe import check_layout
+                check_layout(st, module, args, kwargs)
+        st.model_active = True
+        if st.root_reads:
+            st.enter(st.root_site, args, kwargs)
+
+
+class _ModelEnd:
+    """Forward hook of the patched model: outputs start the backward that clips."""
+
+    def __init__(self, state: _PatchState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs, output):
+        st = self.state
+        if st.probing:
+            return None
+        if st.root_reads:
+            st.exit()
+        st.model_active = False
+        capture = st.runtime()[0]
+        if not capture.site_stack:
+            capture.forget_derived()
+        if st.generic_pending:
+            warnings.warn(
+                "vaultkern: these modules consume trainable parameters through calls without a "
+                "dedicated rule; their per-example gradients come from torch.func (exact, but "
+                "slower, and they are materialised): " + "; ".join(st.generic_pending),
+                RuntimeWarning, stacklevel=2)
+            st.generic_pending = []
+        if torch.is_grad_enabled():
+            return _mark_outputs(output, st.bookkeeper)
+        return None
+
+
+class _BackwardStart(torch.autograd.Function):
+    """Identity on a model output; the first node the outermost backward runs."""
+
+    @staticmethod
+    def forward(ctx, bookkeeper, x):
+        ctx.bookkeeper = bookkeeper
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.bookkeeper.queue()
+        return None, g
+
+
+def _mark_outputs(output, bookkeeper):
+    if isinstance(output, torch.Tensor):
+        return _BackwardStart.apply(bookkeeper, output) if output.requires_grad else output
+    if isinstance(output, (tuple, list)) and type(output) in (tuple, list):
+        return type(output)(_mark_outputs(o, bookkeeper) for o in output)
+    if isinstance(output, dict):  # includes transformers' ModelOutput
+        for k in list(output.keys()):
+            v = output[k]
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                output[k] = _BackwardStart.apply(bookkeeper, v)
+        return output
+    return None
+
+
+def _batch_of(args, kwargs, allow_empty: bool) -> int:
+    tensor = next((kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if tensor is None:
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None:
+        tensor = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if tensor is None or tensor.dim() == 0:
+        raise ValueError("vaultkern: the patched model was called without a tensor whose dim 0 "
+                         "holds the examples (e.g. input_ids of shape [B, T])")
+    if tensor.shape[0] == 0 and not allow_empty:
+        raise ValueError(
+            "vaultkern: empty batch (0 rows). For an empty Poisson batch skip forward/backward and "
+            "call optimizer.step() (noise only), or patch with allow_empty_batch=True.")
+    return tensor.shape[0]
+
+
+def _readers(model: nn.Module):
+    """[(path, module, owned trainable names)] of modules that own trainable parameters."""
+    out = []
+    for path, module in model.named_modules():
+        for cls, reason in UNSUPPORTED.items():
+            if isinstance(module, cls) and any(p.requires_grad for p in module.parameters()):
+                raise UnsupportedModuleError(
+                    f"vaultkern: module '{path or '<root>'}' ({type(module).__name__}) is not "
+                    f"supported: {reason}")
+        owned = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if owned:
+            out.append((path, module, owned))
+    return out
 
 
 def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "sum", *,
           allow_multiple_forwards: bool = False, allow_empty_batch: bool = False,
-          rules: Optional[Dict[str, LayerRule]] = None) -> nn.Module:
+          linear_mode: Optional[str] = None, nonfinite: str = "drop") -> nn.Module:
     """Patch ``model`` in place for per-example clipping; returns the model.
 
     max_grad_norm: C, the clipping bound on each example's gradient norm over all
@@ -117,9 +266,12 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
     allow_multiple_forwards: accept one backward over several forwards, treating
         row i of every forward as the same example.
     allow_empty_batch: accept 0-row batches (an empty Poisson batch): backward then adds
-        nothing to ``p.grad`` and the optimizer step adds noise only. Off by default, so an
-        accidentally empty batch is an error; the PrivacyEngine turns it on, as Opacus does.
-    rules: per-module-path rule overrides, e.g. {"lm_head": LinearRule(mode="direct")}.
+        nothing to ``p.grad`` and the optimizer step adds noise only.
+    linear_mode: "ghost" or "direct" forces how linear-layer norms are computed
+        (default: the cheaper per layer).
+    nonfinite: "drop" (default): an example whose gradient norm is NaN/inf gets clip
+        factor 0 and is counted in ``bookkeeper(model).nonfinite_examples``;
+        "raise": raise NonFiniteGradientError and write nothing.
     """
     if getattr(model, "_vaultkern", None) is not None:
         raise RuntimeError("vaultkern: model is already patched; call vk.unpatch(model) first")
@@ -128,41 +280,52 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"vaultkern: loss_reduction must be one of {LOSS_REDUCTIONS}, "
                          f"got {loss_reduction!r}")
-    plan = _plan(model, rules)
-    bookkeeper = BookKeeper(max_grad_norm, loss_reduction, allow_multiple_forwards, allow_empty_batch)
-    state = _PatchState(bookkeeper)
-    for path, module, rule in plan:
-        if "forward" in module.__dict__:
-            state.had_instance_forward[id(module)] = module.__dict__["forward"]
-        site = LayerSite(bookkeeper, path, module, rule, module.forward)
-        module.forward = _make_forward(site, rule)
-        state.sites.append(site)
-
-    def on_forward(_module, _args):
-        if bookkeeper._callback_queued or bookkeeper._uses:
-            bookkeeper.reset()  # left over from a backward pass that failed part-way
-        bookkeeper.forward_id += 1
-    state.handles.append(model.register_forward_pre_hook(on_forward))
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            state.handles.append(p.register_hook(_guard_hook(name)))
+    if linear_mode not in LINEAR_MODES:
+        raise ValueError(f"vaultkern: linear_mode must be one of {LINEAR_MODES}, got {linear_mode!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"vaultkern: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    readers = _readers(model)
+    bookkeeper = BookKeeper(max_grad_norm, loss_reduction, allow_multiple_forwards,
+                            allow_empty_batch, nonfinite)
+    state = _PatchState(model, bookkeeper, linear_mode)
+    model.register_forward_pre_hook(_ModelStart(state), with_kwargs=True)
+    model.register_forward_hook(_ModelEnd(state), with_kwargs=True, always_call=True)
+    for path, module, owned in readers:
+        add_reader(state, path, module, owned)
     model._vaultkern = state
     return model
 
 
+def add_reader(state: _PatchState, path: str, module: nn.Module, owned) -> None:
+    """Run ``module``'s forward under capture (it owns or reads trainable parameters)."""
+    if module is state.model:
+        state.root_reads = True
+        state.root_site.owned |= set(owned)
+        state.sites[state.root_site.path] = state.root_site
+        return
+    site = Site(path, type(module).__name__, set(owned))
+    state.sites[site.path] = site
+    module.register_forward_pre_hook(_EnterCapture(state, site), with_kwargs=True, prepend=True)
+    module.register_forward_hook(_ExitCapture(state), with_kwargs=True, always_call=True)
+
+
+_HOOK_TYPES = (_EnterCapture, _ExitCapture, _ModelStart, _ModelEnd)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original forwards, no hooks. Returns the model."""
-    state: Optional[_PatchState] = getattr(model, "_vaultkern", None)
-    if state is None:
-        raise RuntimeError("vaultkern: model is not patched")
-    for site in state.sites:
-        previous = state.had_instance_forward.get(id(site.module))
-        if previous is not None:
-            site.module.forward = previous
-        else:
-            del site.module.forward
-    for h in state.handles:
-        h.remove()
+    """Undo :func:`patch`: no hooks, no state. Returns the model."""
+    _state(model)
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                              "_forward_hooks_always_called"):
+                    getattr(module, extra, {}).pop(key, None)
+    for p in model.parameters():
+        hooks = p._backward_hooks or {}
+        for key in [k for k, h in hooks.items() if isinstance(h, _Guard)]:
+            del hooks[key]
     del model._vaultkern
     return model
 
@@ -183,6 +346,26 @@ def bookkeeper(model: nn.Module) -> BookKeeper:
     return _state(model).bookkeeper
 
 
-def patched_sites(model: nn.Module) -> List[LayerSite]:
-    """The patched modules with their rules (for inspection and tests)."""
-    return list(_state(model).sites)
+def set_row_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
+    """Rows where ``mask`` is False contribute exactly 0 to the next backward's clipped sum,
+    whatever the loss does with them (padding rows of a fixed-shape batch)."""
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool().flatten()
+    _state(model).bookkeeper.row_mask = mask
+
+
+def patched_sites(model: nn.Module) -> List[Site]:
+    """The modules that run under capture, with what they consumed so far."""
+    return list(_state(model).sites.values())
+
+
+def summary(model: nn.Module) -> str:
+    """One line per captured module: its trainable parameters and how they were consumed
+    (known after the first forward; "generic" marks the slower torch.func path)."""
+    state = _state(model)
+    lines = [f"vaultkern patch of {type(model).__name__}: C={state.bookkeeper.max_grad_norm}, "
+             f"loss_reduction={state.bookkeeper.loss_reduction!r}"]
+    for site in state.sites.values():
+        how = ", ".join(sorted(site.kinds)) or "not run yet"
+        lines.append(f"  {site.describe()}: {', '.join(sorted(site.owned)) or '(reads others)'} -> {how}")
+    return "\n".join(lines)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaultkern.core.rules import AffineNormRule, register_rule
 from vaultkern.models.configs import DecoderConfig
 
 IGNORE_INDEX = -100
@@ -43,22 +42,6 @@ class GemmaRMSNorm(nn.Module):
         x32 = x.float()
         x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x_hat * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def _gemma_rms_hat(module: GemmaRMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """x̂ of GemmaRMSNorm: ∂y/∂weight = x̂, whatever the (1 + weight) offset."""
-    return F.rms_norm(x.float(), (x.shape[-1],), None, module.eps)
-
-
-def _gemma_rms_forward(module: GemmaRMSNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:
-    """GemmaRMSNorm.forward with the given weight (the same expression, bit for bit)."""
-    x32 = x.float()
-    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.eps)
-    return (x_hat * (1.0 + weight.float())).to(x.dtype)
-
-
-# Exact per-example gradients of the norm weight without the generic torch.func path.
-register_rule(GemmaRMSNorm, AffineNormRule(_gemma_rms_hat, functional=_gemma_rms_forward))
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float):

@@ -1,0 +1,250 @@
+"""Capture at the functional level: where a trainable weight is *consumed*.
+
+While a patched module runs its own, unchanged forward, a ``TorchFunctionMode``
+sees every torch call. Calls that read no trainable parameter run as they are.
+A call that reads one is routed to a handler (:mod:`vaultkern.core.handlers`)
+that computes the very same output with the parameter detached and records,
+for the backward pass, what the book-keeper needs for per-example norms and
+the clipped sum (DESIGN.md §9: capture belongs where the weight is consumed).
+
+Parameters are tracked by identity. A value computed from parameters alone
+(``1.0 + self.weight.float()``, ``self.weight.t()``) is a *derived* value: it
+is returned detached, behind a guard node, and remembers how to recompute it
+from its parameters, so that the call that finally meets the data can pull
+per-example gradients back to the parameters exactly. A derived value used
+outside the capture (e.g. cached and read by another module later) would
+train on nothing; its guard node raises in backward instead.
+
+Rows: every data tensor that meets a parameter has the model's batch B in
+dim 0 (one row per example), k·B rows (positions of examples flattened
+row-major, as OPT does), or 1 row shared by every example (position ids
+``[1, T]``), which is expanded to B so that each example gets its own output
+rows (values unchanged; the output then has B rows instead of 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError
+
+
+class Tracked:
+    """A parameter, or a value derived from parameters only.
+
+    roots: the parameters it depends on; ``recompute(*roots)`` rebuilds it.
+    alias: (root, transposed) when the value is the root itself up to a dtype
+        cast, a copy, or a 2-D transpose (gradients pass through unchanged), so
+        the fast factored forms still apply.
+    """
+
+    __slots__ = ("value", "handle", "roots", "recompute", "alias")
+
+    def __init__(self, value: torch.Tensor, roots: Tuple[torch.Tensor, ...],
+                 recompute: Callable[..., torch.Tensor],
+                 alias: Optional[Tuple[torch.Tensor, bool]] = None,
+                 handle: Optional[torch.Tensor] = None):
+        self.value, self.roots, self.recompute, self.alias = value, roots, recompute, alias
+        self.handle = value if handle is None else handle  # the tensor user code holds
+
+
+# Calls whose result carries no gradient: they run on the original arguments.
+_DETACHING = {torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.requires_grad_,
+              torch.Tensor.data.__get__, torch.Tensor.grad.__get__,
+              torch.Tensor.requires_grad.__get__, torch.Tensor.is_leaf.__get__,
+              torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.tolist,
+              torch.Tensor.item, torch.Tensor.data_ptr, torch.Tensor.untyped_storage,
+              torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+              torch.rand_like, torch.randn_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+              torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor}
+# Calls that give the same values (or a transposed view) of a parameter: gradients pass
+# through unchanged, so a linear layer reading the result keeps the fast factored forms.
+_CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
+          torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
+          torch.Tensor.type}
+_TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
+
+
+class _DerivedGuard(torch.autograd.Function):
+    """Identity that refuses to pass a gradient: marks a derived value's escape route."""
+
+    @staticmethod
+    def forward(ctx, value, names, *roots):  # the roots make the result require grad
+        ctx.names = names
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise UnclippedGradientError(
+            f"vaultkern: a value computed from parameter(s) {ctx.names} was used outside the "
+            "forward of the patched model (for example cached during one forward and read in a "
+            "later one, or by code that runs outside the model); its gradient cannot be clipped "
+            "per example. Recompute it inside the forward.")
+
+
+class CaptureMode(TorchFunctionMode):
+    """Active only inside the forwards of modules that read trainable parameters."""
+
+    def __init__(self, capture: "Capture"):
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        cap = self.capture
+        if not torch.is_grad_enabled() or not cap.reads_tracked(args, kwargs):
+            return func(*args, **kwargs)
+        return cap.dispatch(func, args, kwargs)
+
+
+class Capture:
+    """Per patched model: which tensors are tracked, and the handlers that consume them."""
+
+    def __init__(self, state):
+        self.state = state                      # the patch state (book-keeper, sites, batch)
+        self.tracked: Dict[int, Tracked] = {}
+        self.params: Dict[int, torch.Tensor] = {}
+        self.names: Dict[int, str] = {}
+        self.buffers: set = set()
+        self.site_stack: List[Any] = []
+
+    # -- tracking -----------------------------------------------------------------------------
+    def track_parameters(self, named_params: Sequence[Tuple[str, torch.Tensor]], buffers) -> None:
+        self.tracked.clear()
+        self.params = {id(p): p for _, p in named_params}
+        self.names = {id(p): n for n, p in named_params}
+        for p in self.params.values():
+            self.tracked[id(p)] = Tracked(p, (p,), _identity, alias=(p, False))
+        self.buffers = {id(b) for b in buffers}
+
+    def forget_derived(self) -> None:
+        """Derived values live for one outermost forward; parameters stay."""
+        if len(self.tracked) != len(self.params):
+            self.tracked = {k: v for k, v in self.tracked.items() if k in self.params}
+
+    def lookup(self, t: Any) -> Optional[Tracked]:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self.tracked.get(id(t))
+        # ids are reused once a tensor dies: the entry keeps the tensor user code holds alive,
+        # and identity is checked against it
+        return entry if entry is not None and entry.handle is t else None
+
+    def reads_tracked(self, args, kwargs) -> bool:
+        tracked = self.tracked
+        for a in args:
+            if type(a) in (list, tuple):
+                if any(id(x) in tracked for x in a):
+                    return True
+            elif id(a) in tracked:
+                return True
+        for a in kwargs.values():
+            if id(a) in tracked:
+                return True
+        return False
+
+    def param_name(self, p: torch.Tensor) -> str:
+        return self.names.get(id(p), "<parameter>")
+
+    # -- rows ---------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.state.batch
+
+    def site(self):
+        return self.site_stack[-1] if self.site_stack else self.state.root_site
+
+    def is_batched(self, t: Any) -> bool:
+        """Does this data tensor carry examples in dim 0 (B, k·B or 1 shared row)?"""
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or id(t) in self.buffers:
+            return False
+        B, rows = self.batch, t.shape[0]
+        if t.dim() == 1:
+            return rows == B
+        return rows == B or rows == 1 or (B > 0 and rows % B == 0)
+
+    def rows_for_batch(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` with B·k rows: a shared row (dim 0 of size 1) is expanded to the batch."""
+        B, rows = self.batch, t.shape[0]
+        if rows == B or (B > 0 and rows % B == 0):
+            return t
+        if rows == 1:
+            return t.expand(B, *t.shape[1:])
+        raise BatchLayoutError(
+            f"vaultkern: {what} in {self.site().describe()} has {rows} rows in dim 0, but the "
+            f"model's batch has {B} examples: dim 0 must hold the examples (B rows), positions of "
+            "examples flattened example-major (a multiple of B), or one row shared by all. Rows "
+            "gathered across examples (e.g. tokens routed to a mixture-of-experts expert) cannot "
+            "be attributed to examples, so per-example clipping is refused.")
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, func, args, kwargs):
+        from vaultkern.core import handlers  # the handlers import this module
+        if func in _DETACHING:
+            return func(*args, **kwargs)
+        handler = handlers.HANDLERS.get(func)
+        if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)
+            return handler(self, func, args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        entries = [self.lookup(x) for x in leaves]
+        data = [x for x, e in zip(leaves, entries) if e is None and self.is_batched(x)]
+        if not data:
+            return self.derive(func, leaves, entries, spec)
+        if handler is not None:
+            out = handler(self, func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        return handlers.generic_consumption(self, func, leaves, entries, spec)
+
+    def derive(self, func, leaves, entries, spec):
+        """A call on parameters (and constants) only: a derived value, no gradient yet."""
+        for x, e in zip(leaves, entries):
+            if e is None and isinstance(x, torch.Tensor) and x.requires_grad:
+                self.rows_for_batch(x, f"an input of {getattr(func, '__name__', func)}")
+        values = [e.value.detach() if e is not None else x for x, e in zip(leaves, entries)]
+        a, k = tree_unflatten(values, spec)
+        out = func(*a, **k)
+        if not isinstance(out, torch.Tensor):
+            if any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in tree_flatten(out)[0]):
+                raise BatchLayoutError(
+                    f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} "
+                    "computes several values from trainable parameters without any input whose "
+                    f"dim 0 holds the {self.batch} examples; vaultkern cannot attribute them to "
+                    "examples.")
+            return out  # shapes, sizes: no gradient to carry
+        if not out.is_floating_point():
+            return out  # comparisons, indices
+        used = [e for e in entries if e is not None]
+        roots = tuple({id(r): r for e in used for r in e.roots}.values())
+        alias = None
+        if len(used) == 1 and used[0].alias is not None:
+            root, transposed = used[0].alias
+            if func in _CASTS and out.shape == used[0].value.shape:
+                alias = (root, transposed)
+            elif out.dim() == 2 and used[0].value.dim() == 2 and (
+                    func in _TRANSPOSES or func in (torch.Tensor.transpose, torch.transpose)):
+                alias = (root, not transposed)
+
+        def recompute(*root_values, _entries=entries, _leaves=leaves, _spec=spec, _func=func,
+                      _roots=roots):
+            by_id = dict(zip(map(id, _roots), root_values))
+            vals = []
+            for x, e in zip(_leaves, _entries):
+                if e is None:
+                    vals.append(x)
+                else:
+                    vals.append(e.recompute(*[by_id[id(r)] for r in e.roots]))
+            a2, k2 = tree_unflatten(vals, _spec)
+            return _func(*a2, **k2)
+
+        names = [self.param_name(r) for r in roots]
+        guarded = _DerivedGuard.apply(out, names, *roots)
+        self.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded)
+        return guarded
+
+
+def _identity(p):
+    return p

@@ -1,0 +1,172 @@
+"""The first forward's check: are rows examples, and who reads the parameters?
+
+Shapes cannot tell a model that works in ``[T, B, d]`` with T == B from one in
+``[B, T, d]``; dependence can. Before the first grad-enabled forward of a patched
+model, two extra forwards run without gradients, from the same random state
+(dropout draws the same masks) with the buffers restored afterwards:
+
+1. the batch as given, and
+2. the batch with example 0 changed.
+
+At every call that consumes a trainable parameter, the rows of each data input
+are summarised (row sums in float64). Rows that belong to another example
+(blocks of k rows for k·B rows, example-major) must be identical in both runs;
+a row shared by all examples must not change at all. Otherwise rows are not
+examples and per-example clipping is refused (BatchLayoutError naming the
+module). The first run also finds modules that read a trainable parameter they
+do not own (``F.linear(h, self.embed.weight)`` in a parent, a tied head): they
+are added to the modules whose forward runs under capture.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from vaultkern.core.errors import BatchLayoutError
+
+_TOLERANCE = 1e-5  # relative: non-deterministic kernels (atomics) differ by ~1e-7
+
+
+class _Observe(TorchFunctionMode):
+    def __init__(self, probe: "_Probe"):
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.probe.see(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _Probe:
+    def __init__(self, state, model: nn.Module):
+        self.state, self.capture = state, state.capture
+        self.paths = {id(m): p for p, m in model.named_modules()}
+        self.modules = {id(m): m for m in model.modules()}
+        self.owned = {id(m): {id(p) for p in m.parameters(recurse=False) if p.requires_grad}
+                      for m in model.modules()}
+        self.readers = {id(m) for p, m in model.named_modules() if (p or "<root>") in state.sites}
+        self.stack: List[nn.Module] = []
+        self.records: List[Tuple[str, str, List[torch.Tensor]]] = []
+        self.new_readers = {}
+
+    def pre(self, module, args):
+        self.stack.append(module)
+
+    def post(self, module, args, output):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def see(self, func, args, kwargs):
+        cap = self.capture
+        leaves, _ = tree_flatten((args, kwargs))
+        params = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in cap.params]
+        if not params:
+            return
+        inside = [m for m in self.stack if id(m) in self.modules]
+        if not any(id(m) in self.readers for m in inside):
+            m = inside[-1] if inside else None
+            if m is not None:
+                self.new_readers[id(m)] = m
+                self.readers.add(id(m))
+        where = self.paths.get(id(inside[-1]), "<root>") if inside else "<root>"
+        data = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in cap.params
+                and cap.is_batched(x)]
+        name = getattr(func, "__name__", repr(func))
+        self.records.append((where or "<root>", name, [_row_digest(x) for x in data]))
+
+
+def _row_digest(t: torch.Tensor) -> torch.Tensor:
+    rows = t.detach().reshape(t.shape[0], -1).to(torch.float64)
+    return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
+
+
+def _perturbed(args, kwargs) -> Optional[Tuple[tuple, dict]]:
+    """The inputs with example 0 of the primary input changed (None if it cannot be)."""
+    from vaultkern.core.patch import _BATCH_KWARGS
+    key = next((k for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if key is not None:
+        x = kwargs[key]
+    else:
+        idx = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+        if idx is None:
+            return None
+        x = args[idx]
+    if x.dim() == 0 or x.shape[0] < 2 or x.dtype == torch.bool:
+        return None
+    y = x.clone()
+    if x.is_floating_point():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        scale = float(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0).std()) + 1.0
+        y[0] += (torch.randn(y[0].shape, generator=gen) * scale).to(y)
+    else:
+        y[0] = (y[0] + 1) % max(int(x.max()) + 1, 2)
+    if key is not None:
+        return args, {**kwargs, key: y}
+    return tuple(y if i == idx else a for i, a in enumerate(args)), kwargs
+
+
+def _run(probe: _Probe, model: nn.Module, args, kwargs):
+    probe.records = []
+    devices = sorted({b.device.index or 0 for b in model.parameters() if b.is_cuda})
+    pre = nn.modules.module.register_module_forward_pre_hook(probe.pre)
+    post = nn.modules.module.register_module_forward_hook(probe.post, always_call=True)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _Observe(probe):
+            model(*args, **kwargs)
+    finally:
+        pre.remove()
+        post.remove()
+    return probe.records
+
+
+def check_layout(state, model: nn.Module, args, kwargs) -> None:
+    """Run the two probe forwards (see the module docstring); raise on a bad layout."""
+    from vaultkern.core.patch import add_reader
+    B = state.batch
+    if B == 0:
+        return
+    state.layout_checked = True
+    probe = _Probe(state, model)
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    state.probing = True
+    try:
+        first = _run(probe, model, args, kwargs)
+        changed = _perturbed(args, kwargs) if B >= 2 else None
+        second = _run(probe, model, *changed) if changed is not None else None
+    finally:
+        state.probing = False
+        with torch.no_grad():
+            for b, v in saved_buffers:
+                b.copy_(v)
+    for m in probe.new_readers.values():
+        add_reader(state, probe.paths[id(m)], m, set())
+    if second is None or len(first) != len(second):
+        return  # nothing to compare (one example) or data-dependent control flow
+    for (where, name, rows_a), (_, _, rows_b) in zip(first, second):
+        for a, b in zip(rows_a, rows_b):
+            _compare(where, name, a, b, B)
+
+
+def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int) -> None:
+    n = a.shape[0]
+    if a.shape != b.shape:
+        raise BatchLayoutError(
+            f"vaultkern: the rows reaching {name} in '{where}' change shape when example 0 "
+            "changes: rows are not examples.")
+    close = (torch.isclose(a, b, rtol=_TOLERANCE, atol=0.0, equal_nan=True) | (a == b)).all(1)
+    k = n // B if n % B == 0 else None
+    others = torch.ones(n, dtype=torch.bool)
+    if k is not None and n != 1:
+        others[:k] = False  # example 0's rows may change
+    if not bool(close[others].all()):
+        raise BatchLayoutError(
+            f"vaultkern: in module '{where}', the input rows of {name} ({n} rows for {B} "
+            "examples) change for other examples when only example 0 changes: dim 0 does not "
+            "hold examples here (e.g. a [T, B, d] layout with T == B, or rows mixed across "
+            "the batch). Per-example clipping would be wrong, so it is refused. Keep the batch "
+            "in dim 0 of every layer input (batch_first=True).")
