@@ -6,12 +6,13 @@ model, two extra forwards run without gradients, from the same random state
 (dropout draws the same masks) with the buffers restored afterwards:
 
 1. the batch as given, and
-2. the batch with example 0 changed.
+2. the batch with example 0 changed, and with the last example changed.
 
 At every call that consumes a trainable parameter, the rows of each data input
 are summarised (row sums in float64). Rows that belong to another example
-(blocks of k rows for k·B rows, example-major) must be identical in both runs;
-a row shared by all examples must not change at all. Otherwise rows are not
+(blocks of k rows for k·B rows, example-major) must be identical across runs,
+a row shared by all examples must not change at all, and the same calls must
+happen (a router that sends tokens elsewhere is refused). Otherwise rows are not
 examples and per-example clipping is refused (BatchLayoutError naming the
 module). The first run also finds modules that read a trainable parameter they
 do not own (``F.linear(h, self.embed.weight)`` in a parent, a tied head): they
@@ -85,8 +86,8 @@ def _row_digest(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
 
 
-def _perturbed(args, kwargs) -> Optional[Tuple[tuple, dict]]:
-    """The inputs with example 0 of the primary input changed (None if it cannot be)."""
+def _perturbed(args, kwargs, example: int) -> Optional[Tuple[tuple, dict]]:
+    """The inputs with one example of the primary input changed (None if it cannot be)."""
     from vaultkern.core.patch import _BATCH_KWARGS
     key = next((k for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
     if key is not None:
@@ -102,9 +103,9 @@ def _perturbed(args, kwargs) -> Optional[Tuple[tuple, dict]]:
     if x.is_floating_point():
         gen = torch.Generator(device="cpu").manual_seed(0)
         scale = float(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0).std()) + 1.0
-        y[0] += (torch.randn(y[0].shape, generator=gen) * scale).to(y)
+        y[example] += (torch.randn(y[example].shape, generator=gen) * scale).to(y)
     else:
-        y[0] = (y[0] + 1) % max(int(x.max()) + 1, 2)
+        y[example] = (y[example] + 1) % max(int(x.max()) + 1, 2)
     if key is not None:
         return args, {**kwargs, key: y}
     return tuple(y if i == idx else a for i, a in enumerate(args)), kwargs
@@ -136,8 +137,11 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     state.probing = True
     try:
         first = _run(probe, model, args, kwargs)
-        changed = _perturbed(args, kwargs) if B >= 2 else None
-        second = _run(probe, model, *changed) if changed is not None else None
+        runs = []
+        for example in ((0, B - 1) if B >= 2 else ()):
+            changed = _perturbed(args, kwargs, example)
+            if changed is not None:
+                runs.append((example, _run(probe, model, *changed)))
     finally:
         state.probing = False
         with torch.no_grad():
@@ -145,28 +149,33 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 b.copy_(v)
     for m in probe.new_readers.values():
         add_reader(state, probe.paths[id(m)], m, set())
-    if second is None or len(first) != len(second):
-        return  # nothing to compare (one example) or data-dependent control flow
-    for (where, name, rows_a), (_, _, rows_b) in zip(first, second):
-        for a, b in zip(rows_a, rows_b):
-            _compare(where, name, a, b, B)
+    for example, second in runs:
+        if len(first) != len(second):
+            where = next((a[0] for a, b in zip(first, second) if a[:2] != b[:2]), first[-1][0])
+            raise BatchLayoutError(
+                f"vaultkern: the calls that read trainable parameters (first difference in "
+                f"'{where}') change when only example {example} changes: the model routes rows "
+                "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
+                "cannot be attributed to examples and per-example clipping is refused.")
+        for (where, name, rows_a), (_, _, rows_b) in zip(first, second):
+            for a, b in zip(rows_a, rows_b):
+                _compare(where, name, a, b, B, example)
 
 
-def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int) -> None:
+def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int, example: int) -> None:
     n = a.shape[0]
+    rows_differ = (
+        f"vaultkern: in module '{where}', the input rows of {name} ({n} rows for {B} examples) "
+        f"change for other examples when only example {example} changes: dim 0 does not hold "
+        "examples here (e.g. a [T, B, d] layout with T == B, rows mixed across the batch, or "
+        "tokens gathered across examples). Per-example clipping would be wrong, so it is "
+        "refused. Keep the batch in dim 0 of every layer input (batch_first=True).")
     if a.shape != b.shape:
-        raise BatchLayoutError(
-            f"vaultkern: the rows reaching {name} in '{where}' change shape when example 0 "
-            "changes: rows are not examples.")
+        raise BatchLayoutError(rows_differ)
     close = (torch.isclose(a, b, rtol=_TOLERANCE, atol=0.0, equal_nan=True) | (a == b)).all(1)
-    k = n // B if n % B == 0 else None
     others = torch.ones(n, dtype=torch.bool)
-    if k is not None and n != 1:
-        others[:k] = False  # example 0's rows may change
+    if n % B == 0 and n != 1:
+        k = n // B
+        others[example * k:(example + 1) * k] = False  # the changed example's own rows
     if not bool(close[others].all()):
-        raise BatchLayoutError(
-            f"vaultkern: in module '{where}', the input rows of {name} ({n} rows for {B} "
-            "examples) change for other examples when only example 0 changes: dim 0 does not "
-            "hold examples here (e.g. a [T, B, d] layout with T == B, or rows mixed across "
-            "the batch). Per-example clipping would be wrong, so it is refused. Keep the batch "
-            "in dim 0 of every layer input (batch_first=True).")
+        raise BatchLayoutError(rows_differ)
