@@ -6,37 +6,51 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def oracle(model: nn.Module, batch: Tuple[torch.Tensor, ...],
-           per_example_loss: Callable[[nn.Module, Tuple[torch.Tensor, ...]], torch.Tensor],
-           max_grad_norm: float) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """(clipped gradient sum by parameter name, per-example norms) in float64.
+def per_example_grads(model: nn.Module, batch: Tuple[torch.Tensor, ...],
+                      per_example_loss: Callable[[nn.Module, Tuple[torch.Tensor, ...]], torch.Tensor]
+                      ) -> List[Dict[str, torch.Tensor]]:
+    """[{name: g_i}] in float64: example i's gradient from a backward of its loss alone.
 
     per_example_loss(model, batch) -> [b] losses of the rows of ``batch``.
     """
     ref = copy.deepcopy(model).double()
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     params = [p for n, p in ref.named_parameters() if p.requires_grad]
-    B = batch[0].shape[0]
-    sums = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-    norms = []
-    for i in range(B):
+    out = []
+    for i in range(batch[0].shape[0]):
         row = tuple(t[i:i + 1].double() if t.is_floating_point() else t[i:i + 1] for t in batch)
         loss = per_example_loss(ref, row).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        out.append({n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)})
+    return out
+
+
+def clip_and_sum(grads: List[Dict[str, torch.Tensor]], max_grad_norm: float
+                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """(Σ_i clip_i g_i by name, per-example norms) for per-example gradients ``grads``."""
+    sums = {n: torch.zeros_like(g) for n, g in grads[0].items()} if grads else {}
+    norms = []
+    for g_i in grads:
+        norm = math.sqrt(sum(float(g.square().sum()) for g in g_i.values()))
         clip = min(1.0, max_grad_norm / (norm + 1e-6))
-        for n, g in zip(names, grads):
+        for n, g in g_i.items():
             sums[n] += clip * g
         norms.append(norm)
     return sums, torch.tensor(norms, dtype=torch.float64)
+
+
+def oracle(model: nn.Module, batch: Tuple[torch.Tensor, ...],
+           per_example_loss: Callable[[nn.Module, Tuple[torch.Tensor, ...]], torch.Tensor],
+           max_grad_norm: float) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """(clipped gradient sum by parameter name, per-example norms) in float64."""
+    return clip_and_sum(per_example_grads(model, batch, per_example_loss), max_grad_norm)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

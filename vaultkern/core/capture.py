@@ -79,10 +79,12 @@ class _DerivedGuard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise UnclippedGradientError(
-            f"vaultkern: a value computed from parameter(s) {ctx.names} was used outside the "
-            "forward of the patched model (for example cached during one forward and read in a "
-            "later one, or by code that runs outside the model); its gradient cannot be clipped "
-            "per example. Recompute it inside the forward.")
+            f"vaultkern: a value computed from parameter(s) {ctx.names} without any input that "
+            "holds the examples in dim 0 reached the loss: either it met the data only later, "
+            "outside the patched model (e.g. cached during one forward and read in another), or "
+            "its input had no batch dimension where vaultkern expects one. Its gradient cannot "
+            "be clipped per example. Compute it inside the forward from inputs whose dim 0 "
+            "holds the examples (or one row shared by all).")
 
 
 class CaptureMode(TorchFunctionMode):
@@ -191,7 +193,7 @@ class Capture:
         leaves, spec = tree_flatten((args, kwargs))
         entries = [self.lookup(x) for x in leaves]
         data = [x for x, e in zip(leaves, entries) if e is None and self.is_batched(x)]
-        if not data:
+        if not data and func not in handlers.SHARED_INPUTS:
             return self.derive(func, leaves, entries, spec)
         if handler is not None:
             out = handler(self, func, args, kwargs)

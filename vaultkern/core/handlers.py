@@ -154,6 +154,8 @@ def _embedding(cap, func, args, kwargs):
         raise UnsupportedModuleError(
             f"vaultkern: the embedding in {cap.site().describe()} uses {', '.join(bad)}, which "
             "per-example clipping does not support")
+    if ids.dim() == 0 or not cap.is_batched(ids):  # ids shared by every example, e.g.
+        ids = ids.reshape(1, *ids.shape)           # positions arange(T): one row for all
     ids_b = cap.rows_for_batch(ids, "the token ids of an embedding")
     a["input"], a["weight"] = ids_b, e.value.detach()
     out = func(**a)
@@ -389,6 +391,7 @@ HANDLERS = {
     F.multi_head_attention_forward: _multi_head_attention,
 }
 OWN_BATCH_DIMS = {F.multi_head_attention_forward}
+SHARED_INPUTS = {F.embedding}  # ids without a batch dim (positions) are one row for all
 for _f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.add,
            torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.sub, torch.Tensor.sub,
            torch.Tensor.__sub__, torch.Tensor.__rsub__):
