@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 
-from vaultkern import audit, generate, train
+from vaultkern import audit, generate
 from vaultkern.data import PackedCorpus, make_canaries
 from vaultkern.models import Decoder, get_config
+from vaultkern.run.cli import build_parser, resolve_args
+from vaultkern.run.demo import demo
+from vaultkern.run.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +25,13 @@ def toy_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("toy")
-    (root / "t32.toml").write_text('base = "tiny"\nseq_len = 32\n')
-    common = ["--config", str(root / "t32.toml"), "--num-records", "60", "--batch-size", "32",
+    (root / "t64.toml").write_text('base = "tiny"\nseq_len = 64\n')
+    common = ["--config", str(root / "t64.toml"), "--num-records", "60", "--batch-size", "32",
               "--lr", "3e-3", "--quiet"]
-    parser = train.build_parser()
-    train.train(train.resolve_args(parser.parse_args(
+    parser = build_parser()
+    train(resolve_args(parser.parse_args(
         common + ["--no-dp", "--steps", "400", "--out", str(root / "nodp")]), parser))
-    train.train(train.resolve_args(parser.parse_args(
+    train(resolve_args(parser.parse_args(
         common + ["--noise-multiplier", "3", "--steps", "60", "--epsilon-every", "60",
                   "--dp-seed", "0", "--out", str(root / "dp")]), parser))
     results = {name: audit.audit_run(str(root / name), num_candidates=100, memorization_samples=64,
@@ -50,20 +53,23 @@ def test_non_private_model_memorises_more_than_private(toy_runs):
     assert dp["differentially_private"] is True and nodp["differentially_private"] is False
 
 
-def test_audit_files_and_model_card(toy_runs):
+def test_audit_goes_to_the_private_report_not_the_card(toy_runs):
     root, r = toy_runs
     for name in ("nodp", "dp"):
-        saved = json.loads((root / name / "audit.json").read_text())
-        assert saved["membership_inference"]["auc"] == r[name]["membership_inference"]["auc"]
+        report = json.loads((root / name / "private_report.json").read_text())
+        assert report["audit"]["membership_inference"]["auc"] == r[name]["membership_inference"]["auc"]
+        assert "training" in report and "do not publish" in report["warning"].lower()
         card_text = (root / name / "model_card.json").read_text()
-        card = json.loads(card_text)
-        assert card["audit"]["heldout_perplexity"] == r[name]["heldout_perplexity"]
+        assert "audit" not in json.loads(card_text)
+        for word in ("membership", "exposure", "perplexity", "exact_match"):
+            assert word not in card_text, word
         for canary in PackedCorpus.load(str(root / name / "data.pt")).canaries:
             assert canary.secret not in card_text  # secrets never reach the card
         md = (root / name / "MODEL_CARD.md").read_text()
-        assert "Canary exposure" in md and "membership inference AUC" in md
+        assert "Canary exposure" not in md and "private report" in md
+        assert not (root / name / "audit.json").exists()
     mem = r["dp"]["memorization"]
-    assert (mem["prefix_len"], mem["suffix_len"]) == (16, 16)  # T + 1 = 33 -> half each
+    assert (mem["prefix_len"], mem["suffix_len"]) == (32, 32)  # T + 1 = 65 -> half each
     assert r["dp"]["canary_max_exposure"] == pytest.approx(math.log2(101))
 
 
@@ -77,7 +83,7 @@ def test_audit_and_generate_cli(toy_runs, capsys):
     assert audit.main([str(root / "dp"), "--candidates", "10"]) == 2
     with pytest.raises(SystemExit):
         audit.main(["--help"])
-    assert "RUN_DIR" in capsys.readouterr().out.upper()
+    assert "private_report.json" in capsys.readouterr().out
 
 
 def test_membership_auc():
@@ -133,9 +139,9 @@ def test_demo_runs_both_and_prints_the_comparison(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        (tmp_path / "t16.toml").write_text('base = "tiny"\nseq_len = 16\nnum_layers = 1\n')
-        results = train.demo(str(tmp_path / "demo"), quiet=True, epsilon=20.0, steps=3,
-                             num_records=30, config=str(tmp_path / "t16.toml"), batch_size=8)
+        (tmp_path / "t32.toml").write_text('base = "tiny"\nseq_len = 32\nnum_layers = 1\n')
+        results = demo(str(tmp_path / "demo"), quiet=True, epsilon=20.0, steps=3,
+                       num_records=30, config=str(tmp_path / "t32.toml"), batch_size=8)
     finally:
         torch.set_num_threads(threads)
     assert set(results) == {"non-private", "private"}

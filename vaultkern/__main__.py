@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "info": ("vaultkern.info", "versions and available backends"),
     "plan": ("vaultkern.privacy.plan", "noise multiplier and epsilon for a training plan"),
-    "train": ("vaultkern.train", "DP training of the reference decoder"),
+    "train": ("vaultkern.run.cli", "DP training of the reference decoder"),
     "audit": ("vaultkern.audit", "privacy audit of a training run"),
     "generate": ("vaultkern.generate", "sample text from a trained run"),
     "bench": ("vaultkern.benchmark", "benchmark against Opacus and non-private training"),

@@ -19,11 +19,14 @@ Four measurements, all on the run's own packed data (data.pt):
 
 DP bounds what any such attack can achieve; these numbers are a check, not a
 proof: a low exposure does not certify privacy, a high one refutes it.
+
+The results are computed on private data (training sequences, held-out documents,
+canaries planted in the training data) without noise, so they go to the run's private
+report (``private_report.json``, section "audit"), never to the public model card.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,7 +38,6 @@ import torch
 from vaultkern.data import ByteTokenizer, PackedCorpus, candidate_secrets, inputs_and_targets
 from vaultkern.models import IGNORE_INDEX, per_sequence_loss
 
-AUDIT_FILE = "audit.json"
 tokenizer = ByteTokenizer()
 
 
@@ -199,9 +201,9 @@ def audit_model(model, data: PackedCorpus, device, num_candidates: int = 999,
 
 def audit_run(run_dir: str, device: str = "auto", num_candidates: int = 999, max_sequences: int = 1000,
               memorization_samples: int = 256, seed: int = 0, quiet: bool = False) -> dict:
-    """Audit the run in ``run_dir``; writes audit.json and adds the results to the model card."""
-    from vaultkern.model_card import add_audit, read_model_card
-    from vaultkern.train import DATA_FILE, load_model, resolve_device
+    """Audit the run in ``run_dir``; the results go to its private report (section "audit")."""
+    from vaultkern.model_card import read_model_card, update_private_report
+    from vaultkern.run.rundir import DATA_FILE, load_model, resolve_device
     device = resolve_device(device)
     data_path = os.path.join(run_dir, DATA_FILE)
     if not os.path.exists(data_path):
@@ -210,16 +212,11 @@ def audit_run(run_dir: str, device: str = "auto", num_candidates: int = 999, max
     data = PackedCorpus.load(data_path)
     result = audit_model(model, data, device, num_candidates, max_sequences, memorization_samples,
                          seed, quiet)
-    card = read_model_card(run_dir)
+    card = read_model_card(run_dir)  # the public guarantee, to label the results
     if card is not None:
         result["differentially_private"] = card["privacy"]["differentially_private"]
-        result["epsilon"] = card["privacy"]["epsilon"]
-    path = os.path.join(run_dir, AUDIT_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
-    if card is not None:
-        add_audit(run_dir, result)
+        result["epsilon"] = card["privacy"].get("epsilon")
+    update_private_report(run_dir, "audit", result)
     return result
 
 
@@ -264,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vaultkern audit",
         description="Empirical privacy audit of a training run: held-out perplexity, memorisation, "
-                    "canary exposure, membership inference. Writes RUN_DIR/audit.json and updates "
-                    "the model card.",
+                    "canary exposure, membership inference. The results are computed on private "
+                    "data: they go to RUN_DIR/private_report.json (do not publish it), not to the "
+                    "model card.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="run directory written by `python -m vaultkern train`")
     p.add_argument("--candidates", type=int, default=999,
@@ -293,7 +291,8 @@ def main(argv=None) -> int:
         return 2
     name = os.path.basename(os.path.abspath(args.run_dir))
     print(format_comparison({name: result}))
-    print(f"\nwrote {os.path.join(args.run_dir, AUDIT_FILE)}")
+    from vaultkern.model_card import PRIVATE_REPORT
+    print(f"\nwrote {os.path.join(args.run_dir, PRIVATE_REPORT)} (private: do not publish)")
     return 0
 
 

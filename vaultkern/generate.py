@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from vaultkern.train import load_model, resolve_device
+    from vaultkern.run.rundir import load_model, resolve_device
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)

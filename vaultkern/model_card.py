@@ -1,14 +1,21 @@
-"""Model cards: ``model_card.json`` (machine-readable) and ``MODEL_CARD.md``.
+"""What a training run publishes and what it keeps: the model card and the private report.
 
-The card states the privacy guarantee exactly as it was accounted (ε, δ,
-privacy unit, clipping bound, noise, sampling rate, steps, accountant), what
-data was used, and — once ``python -m vaultkern audit`` has run — what the
-empirical audit measured. Secrets of planted canaries never go into the card.
+``model_card.json`` / ``MODEL_CARD.md`` are publishable. They hold the guarantee exactly
+as it was accounted (ε, δ, the privacy unit and what it gives a document, σ, C, q,
+sampling, steps, accountant, where the randomness came from, whether a formal guarantee
+holds), the configuration, and the data's public description. Two numbers come from the
+data without noise and say so: N (training sequences; it sets q = B̄/N and is treated as
+public) and k (the most sequences one document spans, needed for the document-level
+statement). Secrets of planted canaries never go into the card.
+
+``private_report.json`` sits beside the checkpoint and must not be published: training
+and held-out losses, the number of examples dropped for a non-finite gradient, the
+audit's results (computed on the training and held-out data), where the data came from.
+None of it is covered by the guarantee.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Optional
@@ -17,6 +24,10 @@ from vaultkern._version import __version__
 
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
+PRIVATE_REPORT = "private_report.json"
+PRIVATE_WARNING = ("PRIVATE: computed on the training and held-out data without differential "
+                   "privacy. Do not publish; the model card is the publishable summary.")
+NO_FORMAL_GUARANTEE = "No formal guarantee holds for this run"
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -27,10 +38,6 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _percent(rate) -> str:
-    return "—" if rate is None else f"{rate:.1%}"
-
-
 def _table(rows) -> list:
     lines = ["| | |", "|---|---|"]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in rows]
@@ -39,43 +46,52 @@ def _table(rows) -> list:
 
 def render_markdown(card: dict) -> str:
     p, t, d, m = card["privacy"], card["training"], card["data"], card["model"]
-    title = f"# Model card: {card.get('name', 'vaultkern run')}"
-    out = [title, ""]
+    out = [f"# Model card: {card.get('name', 'vaultkern run')}", ""]
     if p["differentially_private"]:
         out += [f"Trained with differentially private SGD (DP-SGD) by vaultkern {card['vaultkern_version']}: "
                 f"**(ε = {_fmt(p['epsilon'], 3)}, δ = {_fmt(p['delta'], 3)})-DP** with respect to "
-                f"**{p['privacy_unit']}** (add/remove one unit).", ""]
+                f"**{p['privacy_unit']}** (add/remove one sequence).", ""]
+        if not p["formal_guarantee"]:
+            out += [f"**{NO_FORMAL_GUARANTEE}:** " + " ".join(p["caveats"]), ""]
     else:
         out += ["**Not differentially private.** This model was trained without DP-SGD (`--no-dp`); "
                 "it can memorise and reveal its training data.", ""]
-    if not t.get("complete", True):
+    if not t["complete"]:
         out += [f"Training is incomplete: {t['steps_done']} of {t['steps_planned']} steps done "
                 "(ε is for the steps done).", ""]
     out += ["## Privacy", ""]
+    doc = p.get("document_level") or {}
     out += _table([
         ("differentially private", p["differentially_private"]),
+        ("formal guarantee", p.get("formal_guarantee")),
         ("ε (epsilon)", p.get("epsilon")), ("δ (delta)", p.get("delta")),
         ("target ε", p.get("target_epsilon")),
         ("privacy unit", p["privacy_unit"]),
+        ("derived: ε for one document (group of k sequences, same δ)", doc.get("epsilon")),
         ("clipping bound C", p.get("max_grad_norm")),
         ("noise multiplier σ (noise std σ·C)", p.get("noise_multiplier")),
-        ("sampling", p.get("sampling")), ("sample rate q", p.get("sample_rate")),
-        ("expected batch size", p.get("expected_batch_size")),
+        ("sampling", p.get("sampling")), ("sample rate q = B̄/N", p.get("sample_rate")),
+        ("expected batch size B̄", p.get("expected_batch_size")),
+        ("N (training sequences; treated as public)", p.get("dataset_size")),
         ("steps accounted", p.get("steps")),
         ("accountant", p.get("accountant")),
-        ("secure noise generator", p.get("secure_mode")),
-        ("noise and sampling randomness", p.get("dp_randomness")),
-        ("rejected (non-finite) steps, still accounted", p.get("rejected_steps")),
+        ("noise and sampling randomness", p.get("randomness")),
+        ("non-finite examples", p.get("non_finite_examples")),
+        ("times resumed", p.get("resumes")),
     ])
-    out += ["", "What the guarantee does **not** cover: the run directory's `data.pt` (a copy of the "
-            "training sequences, kept for the audit), `metrics.jsonl` and `training.png` (non-private "
-            "training losses), `ckpt.pt` (optimizer state), and any hyperparameter search done "
-            "with the private data before this run. Publish only `model.pt` and this card.", ""]
+    if doc.get("derivation"):
+        out += ["", f"Document level: {doc['derivation']}"]
+    out += ["", "What the guarantee does **not** cover: the rest of the run directory — `data.pt` "
+            "(the training data), `ckpt.pt` (training state), `metrics.jsonl` and `training.png` "
+            "(training losses) and `private_report.json` (losses, held-out and audit metrics, "
+            "computed on private data without noise) — and any hyperparameter search done with "
+            "the private data before this run. Publish only `model.pt` and this card.", ""]
     out += ["## Data", ""]
     out += _table([
         ("source", d["description"]), ("tokenizer", d["tokenizer"]),
-        ("sequence length T", d["seq_len"]), ("training sequences", d["train_sequences"]),
-        ("held-out sequences", d["heldout_sequences"]),
+        ("sequence length T", d["seq_len"]), ("training sequences N", d["train_sequences"]),
+        ("most sequences one document spans (k)", d["max_sequences_per_document"]),
+        ("packing", d["packing"]), ("held-out split", d["split"]),
         ("planted canaries", d.get("canaries_summary")),
     ])
     out += ["", "## Model and training", ""]
@@ -85,44 +101,77 @@ def render_markdown(card: dict) -> str:
          " / ".join(str(m["config"][k]) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads"))),
         ("optimizer", t["optimizer"]), ("learning rate", t["lr"]),
         ("steps done", t["steps_done"]), ("device", t["device"]),
-        ("held-out loss (nats/token)", t.get("heldout_loss")),
-        ("held-out perplexity", t.get("heldout_perplexity")),
-        ("wall time (s)", t.get("wall_time_s")),
     ])
-    audit = card.get("audit")
-    out += ["", "## Empirical privacy audit", ""]
-    if not audit:
-        out += ["Not audited yet: run `python -m vaultkern audit RUN_DIR`."]
-    else:
-        out += [audit.get("what_was_audited", ""), ""]
-        out += _table([
-            ("held-out perplexity", audit["heldout_perplexity"]),
-            (f"memorisation: exact {audit['memorization']['suffix_len']}-token suffix match, train",
-             _percent(audit["memorization"]["train_exact_match_rate"])),
-            ("memorisation: same on held-out (baseline)",
-             _percent(audit["memorization"]["heldout_exact_match_rate"])),
-            ("membership inference AUC (loss threshold; 0.5 = chance)", audit["membership_inference"]["auc"]),
-        ])
-        if audit.get("canaries"):
-            out += ["", "Canary exposure (log2 #candidates − log2 rank; "
-                    f"maximum {_fmt(audit['canary_max_exposure'], 3)}, about 1 for a secret never seen):", "",
-                    "| repetitions | mean exposure | extracted by greedy decoding |", "|---|---|---|"]
-            by_reps = audit["canary_exposure_by_repetitions"]
-            for reps, row in sorted(by_reps.items(), key=lambda kv: int(kv[0])):
-                out.append(f"| {reps} | {_fmt(row['mean_exposure'], 3)} | "
-                           f"{row['extracted']} of {row['count']} |")
-    out += ["", f"_Generated by vaultkern {card['vaultkern_version']}._", ""]
+    out += ["", "Evaluation and audit results are computed on private data (held-out documents, "
+            "training sequences, planted canaries) and are kept in the run's private report, "
+            "not on this card.", "", f"_Generated by vaultkern {card['vaultkern_version']}._", ""]
     return "\n".join(out)
 
 
-def training_card(args, cfg, num_parameters: int, data, plan: dict, summary: dict, device: str,
-                  wall_time: float) -> dict:
-    """The card of a training run (``args``: the train command's options, ``plan``: its Plan)."""
-    dp, T = plan["dp"], cfg.seq_len
+def _privacy_section(args, plan: dict, run: dict, data) -> dict:
+    """The card's privacy entries of a DP run (see training_card)."""
+    T, k = data.seq_len, data.max_rows_per_document
+    seeded = args.dp_seed is not None
+    caveats = []
+    if seeded:
+        caveats.append("The noise and the Poisson sampling were seeded with --dp-seed: anyone who "
+                       "knows the seed can recompute and remove the noise.")
+    if plan["delta"] >= 1.0 / plan["num_train"]:
+        caveats.append(f"δ = {plan['delta']:g} is not below 1/N = {1.0 / plan['num_train']:.3g} "
+                       "(--allow-delta-above-1-over-n): publishing one random sequence in full "
+                       "meets such a δ.")
+    if any(r["forced"] for r in run["resumes"]):
+        caveats.append("A checkpoint of this run was resumed more than once (--force-resume); ε "
+                       "accounts for one continuation and holds only if every other "
+                       "continuation's outputs were discarded.")
+    cap = plan["max_batch_size"]
+    return {
+        "differentially_private": True, "formal_guarantee": not caveats, "caveats": caveats,
+        "epsilon": run["epsilon"], "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
+        "privacy_unit": (f"one sequence of {T} tokens; a document spans at most {k} sequences, so "
+                         f"a document-level guarantee follows by group privacy with k = {k}"),
+        "neighbouring_datasets": "add or remove one sequence",
+        "document_level": {
+            "k": k, "epsilon": run["document_epsilon"], "delta": plan["delta"],
+            "derivation": (
+                "not derived for truncated Poisson sampling" if cap is not None else
+                f"derived number, not the accounted guarantee: ε for any group of k = {k} "
+                "sequences, from the mixture-of-Gaussians dominating pair for groups under "
+                "Poisson sampling (Ganesh 2024, arXiv:2401.10294), composed over the "
+                f"{run['steps']} steps by dp-accounting's PLD accountant. k is computed from "
+                "the training data and is not itself protected."),
+        },
+        "dataset_size": plan["num_train"],
+        "dataset_size_note": "N, the number of training sequences, sets q = B̄/N and is treated as "
+                             "public (it is not protected by the guarantee)",
+        "max_grad_norm": args.max_grad_norm, "noise_multiplier": plan["noise_multiplier"],
+        "sample_rate": plan["sample_rate"], "expected_batch_size": plan["batch_size"],
+        "sampling": ("Poisson" if cap is None else
+                     f"truncated Poisson: at most {cap} rows, padded to {cap} with masked rows"),
+        "max_batch_size": cap,
+        "steps": run["steps"], "accountant": f"{args.accountant} (dp-accounting)",
+        "secure_randomness": not seeded,
+        "randomness": ("seeded with --dp-seed (reproducible; not private against anyone who "
+                       "knows the seed)" if seeded else
+                       "secure: ChaCha20 noise and Poisson sampling keyed from os.urandom"),
+        "non_finite_examples": ("an example whose gradient norm is NaN/inf gets clip factor 0; "
+                                "the step proceeds and is accounted; the count is private"),
+        "resumes": len(run["resumes"]),
+        "budget_note": plan["budget_note"] or None,
+    }
+
+
+def training_card(args, cfg, num_parameters: int, data, plan: dict, run: dict) -> dict:
+    """The public card of a training run.
+
+    ``args``: the train command's options; ``plan``: its Plan as a dict; ``data``: its
+    PackedCorpus; ``run``: status, steps (done), epsilon, document_epsilon, resumes, device."""
     canaries = data.canaries
     canary_summary = (f"{len(canaries)} canaries, repetitions "
                       f"{sorted({c.repetitions for c in canaries})}" if canaries else "none")
-    heldout = summary["heldout_loss"]
+    T = cfg.seq_len
+    not_private = {"differentially_private": False, "formal_guarantee": False,
+                   "privacy_unit": "none", "caveats": ["trained without DP (--no-dp)"]}
     return {
         "name": os.path.basename(os.path.abspath(args.out)),
         "vaultkern_version": __version__,
@@ -130,48 +179,34 @@ def training_card(args, cfg, num_parameters: int, data, plan: dict, summary: dic
         "model": {"style": cfg.style, "config": cfg.to_dict(), "parameters": num_parameters},
         "data": {"description": data.description, "tokenizer": "bytes (256) + BOS, EOS, PAD",
                  "seq_len": T, "train_sequences": len(data.train_rows),
-                 "heldout_sequences": len(data.heldout_rows), "canaries_summary": canary_summary,
-                 "packing": "documents as BOS text EOS, concatenated and cut into non-overlapping "
-                            f"rows of {T + 1} tokens ({T} positions); a document may span two rows"},
-        "privacy": {
-            "differentially_private": dp,
-            "epsilon": summary["epsilon"], "delta": plan["delta"] if dp else None,
-            "target_epsilon": plan["target_epsilon"],
-            "privacy_unit": f"one packed sequence of {T} tokens" if dp else "none",
-            "neighbouring_datasets": "add or remove one sequence" if dp else None,
-            "max_grad_norm": args.max_grad_norm if dp else None,
-            "noise_multiplier": plan["noise_multiplier"], "sample_rate": plan["sample_rate"],
-            "expected_batch_size": plan["batch_size"],
-            "sampling": "Poisson" if dp else "shuffled fixed-size batches (not private)",
-            "steps": summary["step"] if dp else None,
-            "accountant": f"{args.accountant} (dp-accounting)" if dp else None,
-            "secure_mode": bool(args.secure_mode) if dp else None,
-            "dp_randomness": (None if not dp else "os.urandom (ChaCha20 noise)" if args.secure_mode
-                              else "fixed --dp-seed: NOT private against anyone who knows it"
-                              if getattr(args, "dp_seed", None) is not None
-                              else "seeded from os.urandom, seed kept only in the checkpoint"),
-            "rejected_steps": summary["rejected_steps"],
-            "budget_note": plan["budget_note"] or None,
-        },
+                 "max_sequences_per_document": data.max_rows_per_document,
+                 "canaries_summary": canary_summary,
+                 "packing": (f"each document (BOS text EOS) gets rows of its own: row j holds its "
+                             f"tokens [{T}j, {T}j + {T + 1}), the last row padded (ignored); "
+                             "documents are never packed together"),
+                 "split": ("a document is held out when a hash of (seed, its text) falls below "
+                           f"the held-out fraction {args.heldout_fraction}")},
+        "privacy": _privacy_section(args, plan, run, data) if plan["dp"] else not_private,
         "training": {"optimizer": "AdamW (betas 0.9, 0.95), warm-up + cosine", "lr": args.lr,
-                     "batch_size": args.batch_size, "max_physical_batch_size": args.max_physical_batch_size,
-                     "steps_done": summary["step"], "steps_planned": plan["steps"],
-                     "complete": summary["status"] == "complete", "device": device,
-                     "seed": args.seed, "train_loss": summary["train_loss"], "heldout_loss": heldout,
-                     "heldout_perplexity": math.exp(heldout) if heldout is not None else None,
-                     "wall_time_s": round(wall_time, 1)},
-        "audit": None,
+                     "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                     "batch_size": args.batch_size,
+                     "max_physical_batch_size": args.max_physical_batch_size,
+                     "steps_done": run["steps"], "steps_planned": plan["steps"],
+                     "complete": run["status"] == "complete", "device": run["device"],
+                     "seed": args.seed},
     }
 
 
+def _write_text(path: str, text: str) -> None:
+    """Atomic: a reader never sees a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def write_model_card(run_dir: str, card: dict) -> None:
-    """Write both files atomically."""
-    for name, text in ((CARD_JSON, json.dumps(card, indent=2, sort_keys=True)),
-                       (CARD_MD, render_markdown(card))):
-        path = os.path.join(run_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text + ("\n" if not text.endswith("\n") else ""))
-        os.replace(path + ".tmp", path)
+    _write_text(os.path.join(run_dir, CARD_JSON), json.dumps(card, indent=2, sort_keys=True))
+    _write_text(os.path.join(run_dir, CARD_MD), render_markdown(card))
 
 
 def read_model_card(run_dir: str) -> Optional[dict]:
@@ -182,12 +217,16 @@ def read_model_card(run_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def add_audit(run_dir: str, audit: dict) -> dict:
-    """Put the audit results into the run's card and rewrite it."""
-    card = read_model_card(run_dir)
-    if card is None:
-        raise FileNotFoundError(f"{os.path.join(run_dir, CARD_JSON)} not found: "
-                                f"is {run_dir!r} a training run?")
-    card["audit"] = audit
-    write_model_card(run_dir, card)
-    return card
+def read_private_report(run_dir: str) -> dict:
+    path = os.path.join(run_dir, PRIVATE_REPORT)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def update_private_report(run_dir: str, section: str, values: dict) -> dict:
+    """Replace one section ("training", "data", "audit") of the private report."""
+    report = {**read_private_report(run_dir), "warning": PRIVATE_WARNING, section: values}
+    _write_text(os.path.join(run_dir, PRIVATE_REPORT), json.dumps(report, indent=2, sort_keys=True))
+    return report

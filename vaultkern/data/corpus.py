@@ -2,8 +2,14 @@
 
 A corpus is split by *document* into training and held-out parts (the
 held-out part is never trained on; the audit uses it for perplexity and as
-the non-member set of the membership-inference test), then packed into rows.
-Canaries are planted into the training part only.
+the non-member set of the membership-inference test), then packed into rows
+(:mod:`vaultkern.data.packing`). Canaries are planted into the training part only.
+
+The split is a stable per-document hash: a document is held out when the hash
+of (seed, its text) falls below the held-out fraction. Whether a document is
+held out therefore depends on that document alone, so adding or removing one
+document never moves another across the split (a seeded shuffle of the list
+did: one added document moved dozens). Identical documents land on the same side.
 
 User data (``--data PATH``):
   * ``.txt``   — documents separated by one or more blank lines;
@@ -15,9 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 import torch
@@ -33,7 +38,8 @@ class Corpus:
     train_documents: List[str]
     heldout_documents: List[str]
     canaries: List[Canary] = field(default_factory=list)
-    description: str = ""
+    description: str = ""          # public: goes on the model card
+    private_description: str = ""  # where the data came from (path, digest): private report only
 
 
 def read_documents(path: str) -> List[str]:
@@ -66,16 +72,21 @@ def read_documents(path: str) -> List[str]:
     raise ValueError(f"--data {path!r}: expected a .txt or .jsonl file or a folder of them")
 
 
+def heldout_score(document: str, seed: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, document)."""
+    digest = hashlib.sha256(f"vaultkern-split-{seed}\x00".encode("utf-8") + document.encode("utf-8"))
+    return int.from_bytes(digest.digest()[:8], "big") / 2.0 ** 64
+
+
 def split_documents(documents: Sequence[str], heldout_fraction: float, seed: int):
-    """Shuffle (seeded) and split into (train, held-out); at least one of each when possible."""
+    """(train, held-out): a document is held out when its :func:`heldout_score` is below
+    ``heldout_fraction``. About that fraction is held out; small corpora may get none."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    docs = list(documents)
-    random.Random(f"split-{seed}").shuffle(docs)
-    num_heldout = round(len(docs) * heldout_fraction)
-    if heldout_fraction > 0 and num_heldout == 0 and len(docs) >= 2:
-        num_heldout = 1
-    return docs[num_heldout:], docs[:num_heldout]
+    train, heldout = [], []
+    for doc in documents:
+        (heldout if heldout_score(doc, seed) < heldout_fraction else train).append(doc)
+    return train, heldout
 
 
 def builtin_corpus(num_records: int = 2000, seed: int = 0, heldout_fraction: float = 0.1,
@@ -102,7 +113,9 @@ def file_corpus(path: str, seed: int = 0, heldout_fraction: float = 0.1,
     train, heldout = split_documents(documents, heldout_fraction, seed)
     canaries = make_canaries(seed, canary_repetitions) if canary_repetitions else []
     train = plant_canaries(train, canaries, seed)
-    return Corpus(train, heldout, canaries,
+    planted = f", {len(canaries)} canaries planted" if canaries else ""
+    # a path can name the data ("hiv_clinic_notes/") and a digest confirms a guess of it
+    return Corpus(train, heldout, canaries, f"user documents (--data){planted}",
                   f"{os.path.abspath(path)} ({len(documents)} documents, sha256 {digest}…)")
 
 
@@ -112,25 +125,33 @@ class PackedCorpus:
     train_rows: torch.Tensor     # [N, seq_len + 1]
     heldout_rows: torch.Tensor   # [M, seq_len + 1]
     canaries: List[Canary]
-    description: str
+    description: str             # public
     seq_len: int
+    max_rows_per_document: int   # k: the most training rows one document spans
+    num_train_documents: int
+    num_heldout_documents: int
+    private_description: str = ""
 
     @classmethod
     def from_corpus(cls, corpus: Corpus, seq_len: int) -> "PackedCorpus":
-        return cls(pack_documents(corpus.train_documents, seq_len),
-                   pack_documents(corpus.heldout_documents, seq_len),
-                   list(corpus.canaries), corpus.description, seq_len)
+        train_rows, per_document = pack_documents(corpus.train_documents, seq_len)
+        heldout_rows, _ = pack_documents(corpus.heldout_documents, seq_len)
+        return cls(train_rows, heldout_rows, list(corpus.canaries), corpus.description, seq_len,
+                   max(per_document, default=0), len(corpus.train_documents),
+                   len(corpus.heldout_documents), corpus.private_description)
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
-        torch.save({"train_rows": self.train_rows.to(torch.int32),
-                    "heldout_rows": self.heldout_rows.to(torch.int32),
-                    "canaries": [c.to_dict() for c in self.canaries],
-                    "description": self.description, "seq_len": self.seq_len}, tmp)
+        blob = {f.name: getattr(self, f.name) for f in fields(self)}
+        blob.update(train_rows=self.train_rows.to(torch.int32),
+                    heldout_rows=self.heldout_rows.to(torch.int32),
+                    canaries=[c.to_dict() for c in self.canaries])
+        torch.save(blob, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "PackedCorpus":
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(blob["train_rows"].long(), blob["heldout_rows"].long(),
-                   [Canary(**c) for c in blob["canaries"]], blob["description"], blob["seq_len"])
+        blob.update(train_rows=blob["train_rows"].long(), heldout_rows=blob["heldout_rows"].long(),
+                    canaries=[Canary(**c) for c in blob["canaries"]])
+        return cls(**blob)

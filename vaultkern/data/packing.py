@@ -1,14 +1,22 @@
-"""Packing documents into fixed-length training sequences.
+"""Packing documents into training rows, one document per row group.
 
-Each document becomes ``BOS bytes EOS``; the documents are concatenated into
-one stream and cut into rows of ``seq_len + 1`` tokens (the model reads the
-first ``seq_len`` and predicts the last ``seq_len``). Rows do not overlap, so
-one row = one privacy unit (sequence-level DP, as in VaultGemma); a document
-may straddle two rows. The last row is padded with PAD, whose targets are
-ignored.
+A document becomes ``BOS bytes EOS`` (L tokens) and gets rows of its own: row j
+holds its tokens [j·T, j·T + T + 1), so consecutive rows of a document share one
+token and every token after BOS is predicted exactly once; the last row is
+padded with PAD, whose targets are ignored. Documents are never packed
+together. That is what makes the privacy unit mean something: adding or
+removing one document adds or removes exactly its own ⌈(L − 1)/T⌉ rows and
+leaves every other row as it was (with concatenate-and-cut packing one short
+document shifted every later row). A row-level guarantee then covers a
+document by group privacy with k = the most rows a document spans.
+
+Rows are grouped by document in the order of a hash of the document's text, so
+the packed rows do not depend on the order of the input list and the rows of
+D ∪ {d} are those of D with d's rows inserted in one place.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -18,30 +26,43 @@ from vaultkern.data.tokenizer import ByteTokenizer
 from vaultkern.models.decoder import IGNORE_INDEX
 
 
-def token_stream(documents: Sequence[str], tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
-    """All documents as one int64 stream: BOS doc_1 EOS BOS doc_2 EOS ..."""
-    parts: List[np.ndarray] = []
-    bos = np.array([tokenizer.BOS], dtype=np.int64)
-    eos = np.array([tokenizer.EOS], dtype=np.int64)
-    for doc in documents:
-        parts += [bos, np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64), eos]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def document_tokens(document: str, tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
+    """``BOS bytes EOS`` as int64."""
+    body = np.frombuffer(document.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    return np.concatenate([[tokenizer.BOS], body, [tokenizer.EOS]]).astype(np.int64)
+
+
+def rows_of_document(document: str, seq_len: int,
+                     tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
+    """The rows [⌈(L − 1)/T⌉, T + 1] of one document (L >= 2 tokens, so at least one row)."""
+    tokens = document_tokens(document, tokenizer)
+    num_rows = -(-(len(tokens) - 1) // seq_len)
+    rows = np.full((num_rows, seq_len + 1), tokenizer.PAD, dtype=np.int64)
+    for j in range(num_rows):
+        piece = tokens[j * seq_len: j * seq_len + seq_len + 1]
+        rows[j, :len(piece)] = piece
+    return rows
+
+
+def document_order_key(document: str) -> bytes:
+    """Content-only sort key: a document's place never depends on the other documents."""
+    return hashlib.sha256(document.encode("utf-8")).digest()
 
 
 def pack_documents(documents: Sequence[str], seq_len: int,
-                   tokenizer: ByteTokenizer = ByteTokenizer()) -> torch.Tensor:
-    """Rows [N, seq_len + 1] of token ids (int64); the last row is PAD-filled if short."""
+                   tokenizer: ByteTokenizer = ByteTokenizer()) -> Tuple[torch.Tensor, List[int]]:
+    """(rows [N, seq_len + 1] int64, rows per document in row order).
+
+    Documents appear in :func:`document_order_key` order; duplicates are kept (each copy is
+    a document of its own)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    stream = token_stream(documents, tokenizer)
-    row_len = seq_len + 1
-    num_rows = -(-len(stream) // row_len)
-    padded = np.full(num_rows * row_len, tokenizer.PAD, dtype=np.int64)
-    padded[: len(stream)] = stream
-    rows = torch.from_numpy(padded).view(num_rows, row_len)
-    if num_rows and len(stream) % row_len == 1:  # a last row with one real token predicts nothing
-        rows = rows[:-1]
-    return rows
+    ordered = sorted(documents, key=document_order_key)
+    parts = [rows_of_document(doc, seq_len, tokenizer) for doc in ordered]
+    counts = [len(p) for p in parts]
+    if not parts:
+        return torch.zeros(0, seq_len + 1, dtype=torch.int64), counts
+    return torch.from_numpy(np.concatenate(parts)), counts
 
 
 def inputs_and_targets(rows: torch.Tensor,
