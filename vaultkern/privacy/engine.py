@@ -38,7 +38,19 @@ from torch.utils.data import DataLoader
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.privacy.optimizer import DPOptimizer, _random_seed, validate_dp_arguments
 from vaultkern.privacy.sampling import (
-    MicroBatchLoader, expected_batch_size_of, make_poisson_loader, poisson_sampler_of)
+    MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
+    poisson_sampler_of)
+
+
+class _NoteForward:
+    """Forward pre-hook: which sampled batch the model's forwards ran on (one per step)."""
+
+    def __init__(self, optimizer: DPOptimizer):
+        self.optimizer = optimizer
+
+    def __call__(self, module, args):
+        if torch.is_grad_enabled():
+            self.optimizer.note_forward()
 
 
 class PrivacyEngine:
@@ -172,6 +184,9 @@ class PrivacyEngine:
 
         if max_physical_batch_size is not None:
             loader = MicroBatchLoader(loader, max_physical_batch_size, dp_optimizer)
+        else:
+            loader = StepCheckedLoader(loader, dp_optimizer)
+        module.register_forward_pre_hook(_NoteForward(dp_optimizer))
 
         self.dataset, self.dataset_size = data_loader.dataset, dataset_size
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader

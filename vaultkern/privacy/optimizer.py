@@ -107,6 +107,8 @@ class DPOptimizer(Optimizer):
         self.steps_taken = 0  # logical (noised) steps so far
         self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
         self._skip_next_step = False
+        self._batch_serial = 0          # logical batches handed out by the private loader
+        self._batches_used: set = set()  # of those, the ones a forward ran on since the last step
         self._last_step_skipped = False
 
     # ---- the wrapped optimizer's attributes --------------------------------
@@ -167,6 +169,14 @@ class DPOptimizer(Optimizer):
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         """``fn(optimizer)`` runs once per noised step, before the update (accounting)."""
         self.step_hook = fn
+
+    def note_sampled_batch(self) -> None:
+        """The private loader handed out a new logical (sampled) batch."""
+        self._batch_serial += 1
+
+    def note_forward(self) -> None:
+        """The private model ran a forward (with gradients) on the current logical batch."""
+        self._batches_used.add(self._batch_serial)
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only keep accumulating (micro-batch boundary)."""
@@ -235,6 +245,15 @@ class DPOptimizer(Optimizer):
             self._skip_next_step = False
             self._last_step_skipped = True
             return False
+        n, self._batches_used = len(self._batches_used), set()
+        if n > 1:
+            raise RuntimeError(
+                f"optimizer.step() after {n} sampled batches: each batch the private loader "
+                "yields is one DP step, and the accountant charges one step for it; summing "
+                "several batches into one step would release more than is accounted (and, "
+                "without Poisson sampling, an update several times larger than Opacus'). Call "
+                "optimizer.step() after every batch; to bound memory, split one logical batch "
+                "with make_private(max_physical_batch_size=...) or BatchMemoryManager.")
         self.check_gradients()
         self.add_noise()
         if self.step_hook is not None:

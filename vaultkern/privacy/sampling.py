@@ -424,9 +424,33 @@ class MicroBatchLoader:
         return len(self.original_loader)
 
     def __iter__(self):
+        first = True
         for batch in self.loader:
             last = self._micro.ends_logical.popleft()
+            if first and hasattr(self.optimizer, "note_sampled_batch"):  # (any optimizer works)
+                self.optimizer.note_sampled_batch()
             self.optimizer.signal_skip_step(do_skip=not last)
+            first = last
+            yield batch
+
+
+class StepCheckedLoader:
+    """The private loader as users iterate it: tells the optimizer of each batch it yields, so
+    that a step over several sampled batches is refused (DPOptimizer.pre_step). Everything
+    else is the wrapped loader's."""
+
+    def __init__(self, data_loader, optimizer):
+        self.data_loader, self.optimizer = data_loader, optimizer
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["data_loader"], name)
+
+    def __len__(self) -> int:
+        return len(self.data_loader)
+
+    def __iter__(self):
+        for batch in self.data_loader:
+            self.optimizer.note_sampled_batch()
             yield batch
 
 
