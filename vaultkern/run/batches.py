@@ -12,8 +12,10 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from vaultkern.core import set_row_mask
 from vaultkern.data import ByteTokenizer, inputs_and_targets
 from vaultkern.models import IGNORE_INDEX
+from vaultkern.privacy.sampling import pad_to_max_batch
 
 
 class ShuffledBatches:
@@ -45,7 +47,6 @@ def logical_batch(rows: torch.Tensor, indices: Sequence[int], max_batch_size: Op
     if max_batch_size is None:
         return rows[torch.as_tensor(list(indices), dtype=torch.long)], torch.ones(
             len(indices), dtype=torch.bool)
-    from vaultkern.privacy.sampling import pad_to_max_batch
     padded, weights = pad_to_max_batch(indices, max_batch_size)
     real = weights > 0
     batch = rows[padded]  # a copy
@@ -74,8 +75,7 @@ def backward_in_microbatches(model, batch: torch.Tensor, real: torch.Tensor, los
         chunk_real = real[start:start + max_physical_batch_size].to(device)
         inputs, targets = (t.to(device) for t in inputs_and_targets(chunk))
         if mask_rows:
-            import vaultkern as vk
-            vk.set_row_mask(model, chunk_real)
+            set_row_mask(model, chunk_real)
         with autocast_for(device):
             logits = model(inputs)
         losses = loss_fn(logits, targets)
