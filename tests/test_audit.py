@@ -16,12 +16,14 @@ from vaultkern.run.loop import train
 
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    """Tiny model (T=32), 60 records + canaries; non-DP long enough to memorise, DP with σ=3.
+    """Tiny model (T=64), 60 records + canaries; non-DP long enough to memorise, DP with σ=3.
 
-    400 non-DP steps: at 250 the non-DP model's token-match rate on training suffixes (0.26)
-    was no higher than on held-out ones (0.25), i.e. it generalised, not memorised; at 400 it
-    is 0.50 vs 0.24. The DP run fixes its noise/sampling seed (--dp-seed) so the test is
-    deterministic; its match rate was 0.058-0.064 over seeds 0-5."""
+    T=64 so that a canary (~42 tokens) fits one row: each document has rows of its own, and
+    at T=32 a canary's secret was cut at the same place in every copy, its second half
+    learned without the prefix (16× exposure 4.4, below this test's bar). 400 non-DP steps:
+    token-match rate on training suffixes 0.35 vs 0.25 on held-out ones (with batch 16 it
+    was 0.29 vs 0.20, too close to the DP run's). The DP run fixes its noise/sampling seed
+    (--dp-seed) so the test is deterministic; its match rate was 0.078."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("toy")
