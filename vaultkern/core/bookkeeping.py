@@ -58,6 +58,7 @@ class BookKeeper:
         self.nonfinite_examples = 0   # cumulative count of examples dropped as NaN/inf (private)
         self.last_norms: Optional[torch.Tensor] = None
         self.row_mask: Optional[torch.Tensor] = None   # for the next backward (set_row_mask)
+        self.after_write = None  # DDP's bucket sync (vaultkern.core.distributed), if any
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
         self._callback_queued = False
 
@@ -90,6 +91,12 @@ class BookKeeper:
         try:
             with torch.no_grad():
                 self._clip_and_write(groups)
+                if self.after_write is not None:
+                    self.after_write.resolve()
+        except BaseException as exc:
+            if self.after_write is not None:  # DDP waits on these: fail them, do not hang
+                self.after_write.resolve(exc)
+            raise
         finally:
             groups.clear()
 

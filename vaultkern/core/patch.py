@@ -26,6 +26,7 @@ from torch import nn
 
 from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
 from vaultkern.core.capture import Capture, CaptureMode
+from vaultkern.core.distributed import attach_ddp, refuse_sharded
 from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
 from vaultkern.core.site import Site
 
@@ -58,6 +59,7 @@ class _PatchState:
         self.root_reads = False     # the model's own forward reads trainable parameters
         self.probing = False        # the layout check's forwards are running
         self.generic_pending: List[str] = []
+        self.bucket_sync = None     # set when the model runs inside DistributedDataParallel
         self._runtime = None  # (capture, mode), built on first use
 
     def __getstate__(self):
@@ -68,6 +70,7 @@ class _PatchState:
     # -- runtime --------------------------------------------------------------------------
     def runtime(self):
         if self._runtime is None:
+            refuse_sharded(self.model)
             capture = Capture(self)
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             capture.track_parameters(params, self.model.buffers())
@@ -156,6 +159,7 @@ class _ModelStart:
         if st.probing:
             return
         if not _in_backward():
+            attach_ddp(st)
             st.start_forward(args, kwargs)
             if not st.layout_checked and torch.is_grad_enabled():
                 from vaultkern.core.probe import check_layout
@@ -275,6 +279,12 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
     """
     if getattr(model, "_vaultkern", None) is not None:
         raise RuntimeError("vaultkern: model is already patched; call vk.unpatch(model) first")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise RuntimeError(
+            "vaultkern: patch the model before wrapping it in DistributedDataParallel: "
+            "vk.patch(model); ddp = DistributedDataParallel(model) (DDP has already set up its "
+            "gradient reduction for the unpatched model)")
+    refuse_sharded(model)
     if not (max_grad_norm > 0):
         raise ValueError(f"vaultkern: max_grad_norm must be > 0, got {max_grad_norm!r}")
     if loss_reduction not in LOSS_REDUCTIONS:

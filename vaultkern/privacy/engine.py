@@ -36,7 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
-from vaultkern.privacy.optimizer import DPOptimizer, _random_seed, validate_dp_arguments
+from vaultkern.core.distributed import shared_random_seed
+from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
 from vaultkern.privacy.sampling import (
     MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
     poisson_sampler_of)
@@ -148,7 +149,7 @@ class PrivacyEngine:
                           "accounting assumes one dataset", UserWarning, stacklevel=2)
 
         if seed is None and not self.secure_mode:
-            seed = _random_seed()
+            seed = shared_random_seed()
         # empty Poisson batches go through the user's loop unchanged (noise-only steps)
         module = vk.patch(module, max_grad_norm=clip, loss_reduction=loss_reduction,
                           allow_empty_batch=True)

@@ -43,6 +43,7 @@ from typing import Callable, List, Optional
 import torch
 from torch.optim import Optimizer
 
+from vaultkern.core.distributed import shared_random_seed
 from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
 _STATE_KEY = "vaultkern_dp"
@@ -59,10 +60,6 @@ def validate_dp_arguments(noise_multiplier, max_grad_norm, loss_reduction: str):
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
     return sigma, clip
-
-
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
 class DPOptimizer(Optimizer):
@@ -103,7 +100,8 @@ class DPOptimizer(Optimizer):
                                     else float(expected_batch_size))
         self.loss_reduction = loss_reduction
         self.secure_mode = bool(secure_mode)
-        self.seed = None if secure_mode else (int(seed) if seed is not None else _random_seed())
+        # without a seed, rank 0's random seed on every rank: replicas draw the same noise
+        self.seed = None if secure_mode else (int(seed) if seed is not None else shared_random_seed())
         self.steps_taken = 0  # logical (noised) steps so far
         self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
         self._skip_next_step = False

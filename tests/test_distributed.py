@@ -1,0 +1,65 @@
+"""DistributedDataParallel on 2 gloo ranks (127.0.0.1, CPU): a DP step is the same as one
+process on the whole batch, noise is added once and agrees across ranks (DESIGN.md §10)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oracle import rel_err
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(scenario, tmp_path):
+    out = str(tmp_path / scenario)
+    proc = subprocess.run([sys.executable, WORKER, scenario, str(_free_port()), out],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("scenario", ["sigma0", "accumulate"])
+def test_ddp_step_equals_one_process_on_the_whole_batch(scenario, tmp_path):
+    ranks = run(scenario, tmp_path)
+    for steps in (1, 3):
+        for r in ranks:
+            single, ddp = r[steps]
+            init = r["init"]
+            for n in single:
+                update = single[n] - init[n]
+                err = float((ddp[n] - single[n]).norm() / update.norm().clamp(min=1e-12))
+                assert err <= 1e-5, (scenario, steps, n, err)
+        for n in ranks[0][steps][1]:
+            assert torch.equal(ranks[0][steps][1][n], ranks[1][steps][1][n])
+
+
+def test_noise_once_and_identical_on_every_rank(tmp_path):
+    ranks = run("noise", tmp_path)
+    for n in ranks[0]["noisy"]:
+        assert torch.equal(ranks[0]["noisy"][n], ranks[1]["noisy"][n]), n
+    # noisy - plain = -lr·σC·ξ per element (loss_reduction="sum": no ÷B̄): std lr·σC, not
+    # √2 times that (noise added on both ranks before the sum) and not lr·σC/√2
+    diff = torch.cat([(ranks[0]["noisy"][n] - ranks[0]["base"][n]).flatten()
+                      for n in ranks[0]["noisy"]])
+    want = 0.5 * 1.0 * 0.05
+    assert diff.numel() > 4000
+    assert abs(float(diff.std()) / want - 1) < 0.08, float(diff.std()) / want
+
+
+def test_unsupported_modes_are_refused(tmp_path):
+    """DDP flags that would keep or lose the clipped sums, DDP before patching, and FSDP2
+    (patched before or after fully_shard): each a clear error, never silent training."""
+    errors = run("refusals", tmp_path)[0]["errors"]
+    assert len(errors) == 5, errors
+    assert "find_unused_parameters" in errors[0] and "static_graph" in errors[1]
+    assert "before wrapping it in DistributedDataParallel" in errors[2]
+    assert all("FSDP" in e for e in errors[3:])
