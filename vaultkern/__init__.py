@@ -8,7 +8,7 @@
 """
 from vaultkern._version import __version__  # noqa: F401
 from vaultkern.core import (  # noqa: F401
-    patch, unpatch, last_norms, summary, set_row_mask, UnsupportedModuleError,
+    patch, unpatch, last_norms, summary, set_row_mask, set_group_ids, UnsupportedModuleError,
     UnclippedGradientError, NonFiniteGradientError, BatchLayoutError)
 from vaultkern.info import info  # noqa: F401
 

@@ -6,7 +6,8 @@ callback queued on the autograd engine runs when the backward pass ends and
 
 1. groups the forms by parameter (a tied or reused parameter has several),
 2. takes per-example squared norms  ‖g_i‖² = Σ_params Σ_u Σ_v ⟨G_i^u, G_i^v⟩,
-3. clip_i = min(1, C / (‖g_i‖ + 1e-6)),
+3. clip_i = min(1, C / (‖g_i‖ + 1e-6)) (or per layer, or per group of rows:
+   :mod:`vaultkern.core.clipping`),
 4. adds Σ_i clip_i g_i to each ``p.grad`` (one matmul per linear use),
 
 then frees everything it kept (DESIGN.md §1-3).
@@ -29,12 +30,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from vaultkern.core import grad_forms
+from vaultkern.core import clipping, grad_forms
 from vaultkern.core.errors import BatchLayoutError, NonFiniteGradientError
 from vaultkern.core.grad_forms import GradForm
 from vaultkern.core.site import Site
 
-CLIP_EPS = 1e-6
 NONFINITE_POLICIES = ("drop", "raise")
 
 
@@ -48,9 +48,13 @@ class _Use:
 class BookKeeper:
     """Per patched model: collects gradient forms during backward, clips at its end."""
 
-    def __init__(self, max_grad_norm: float, loss_reduction: str, allow_multiple_forwards: bool = False,
-                 allow_empty_batch: bool = False, nonfinite: str = "drop"):
-        self.max_grad_norm = float(max_grad_norm)
+    def __init__(self, max_grad_norm, loss_reduction: str, allow_multiple_forwards: bool = False,
+                 allow_empty_batch: bool = False, nonfinite: str = "drop", clipping: str = "flat"):
+        self.clipping = clipping
+        # flat/automatic: C; per_layer: the list of C_k (or one C split evenly), resolved to
+        # {id(param): C_k} by the patch state on its first forward (ids change on a copy)
+        self.max_grad_norm = max_grad_norm if clipping == "per_layer" else float(max_grad_norm)
+        self.thresholds: Dict[int, float] = {}
         self.loss_reduction = loss_reduction
         self.allow_multiple_forwards = allow_multiple_forwards
         self.allow_empty_batch = allow_empty_batch
@@ -58,13 +62,14 @@ class BookKeeper:
         self.nonfinite_examples = 0   # cumulative count of examples dropped as NaN/inf (private)
         self.last_norms: Optional[torch.Tensor] = None
         self.row_mask: Optional[torch.Tensor] = None   # for the next backward (set_row_mask)
+        self.group_ids: Optional[torch.Tensor] = None  # for the next backward (set_group_ids)
         self.after_write = None  # DDP's bucket sync (vaultkern.core.distributed), if any
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
         self._callback_queued = False
 
     def __getstate__(self):  # a copy starts with nothing pending
         state = dict(self.__dict__)
-        state["_uses"], state["_callback_queued"] = OrderedDict(), False
+        state["_uses"], state["_callback_queued"], state["thresholds"] = OrderedDict(), False, {}
         return state
 
     # -- during backward -------------------------------------------------------------------
@@ -127,68 +132,55 @@ class BookKeeper:
     def _clip_and_write(self, groups) -> None:
         if not groups:
             return
-        batch = self._check_layout(groups)
-        any64 = any(_form_dtype(u.form) == torch.float64 for _, uses in groups for u in uses)
-        acc = torch.float64 if any64 else torch.float32
-        # Small parameters used once (biases, norm weights, generic modules): their
-        # per-example gradients form one [B, n] matrix, so one reduction gives all their
-        # norms and one vector-matrix product all their clipped sums.
-        small = [(p, uses[0].form) for p, uses in groups
-                 if len(uses) == 1 and isinstance(uses[0].form, grad_forms.Materialized)]
-        small_ids = {id(p) for p, _ in small}
-        rest = [(p, uses) for p, uses in groups if id(p) not in small_ids]
-        norm_sq = torch.zeros(batch, dtype=acc, device=_form_device(groups[0][1][0].form))
-        if small:
-            stacked = torch.cat([f.per_example.reshape(batch, p.numel()).to(acc) for p, f in small], 1)
-            norm_sq += stacked.square().sum(1)
-        # Self terms of the other uses (fused across layers that share an input), then the
-        # cross terms of parameters used more than once.
-        if rest:
-            self_terms, _ = grad_forms.summed_self_norms_sq([u.form for _, uses in rest for u in uses])
-            norm_sq += self_terms.to(acc)
-        for param, uses in rest:
-            for i, u in enumerate(uses):
-                for v in uses[i + 1:]:
-                    norm_sq += 2 * grad_forms.cross(u.form, v.form).to(acc)
-
-        # "mean": the loss was averaged over the batch, per-example grads are B·(what we saw).
-        scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        norms = norm_sq.clamp(min=0).sqrt() * scale
-        clip = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        rows = self._check_layout(groups)
         mask, self.row_mask = self.row_mask, None
-        if mask is not None:
-            if mask.shape != (batch,):
-                raise BatchLayoutError(f"vaultkern: set_row_mask got a mask of shape "
-                                       f"{tuple(mask.shape)} for a batch of {batch} examples")
-            clip = clip * mask.to(device=clip.device, dtype=clip.dtype)
+        ids, self.group_ids = self.group_ids, None
+        forms = [(p, [u.form for u in uses]) for p, uses in groups]
+        any64 = any(_form_dtype(f) == torch.float64 for _, fs in forms for f in fs)
+        acc = torch.float64 if any64 else torch.float32
+        if mask is not None:  # padding rows: exactly 0, whatever the loss did with them
+            _check_rows(mask, rows, "set_row_mask")
+            forms = clipping.zero_units(forms, mask)
+        units = rows
+        if ids is not None:  # user-level units: each group's rows summed before clipping
+            _check_rows(ids, rows, "set_group_ids")
+            unit, slot, units, width = clipping.group_index(ids.to(torch.long))
+            forms = [(p, [clipping.regroup(f, unit, slot, units, width) for f in fs])
+                     for p, fs in forms]
+        # "mean": the loss was averaged over the rows, per-row grads are rows·(what we saw).
+        scale = float(rows) if self.loss_reduction == "mean" else 1.0
+        norms, totals = self._clip(forms, units, acc, scale)
         # Every clipped sum is queued before the one host-device synchronisation (which
-        # examples are not finite), so on a GPU the host never waits in the middle of the work.
-        totals = _clipped_totals(small, stacked if small else None, rest, clip, acc)
+        # units are not finite), so on a GPU the host never waits in the middle of the work.
         nonfinite = ~torch.isfinite(norms)
-        counted = nonfinite if mask is None else nonfinite & mask.to(nonfinite.device, torch.bool)
-        n_zero, n_bad = (int(n) for n in torch.stack([nonfinite.sum(), counted.sum()]).tolist())
+        n_bad = int(nonfinite.sum())
         if n_bad and self.nonfinite == "raise":
-            rows = counted.nonzero().flatten().tolist()[:10]
+            bad = nonfinite.nonzero().flatten().tolist()[:10]
             raise NonFiniteGradientError(
-                f"vaultkern: non-finite per-example gradient norm for examples {rows} "
+                f"vaultkern: non-finite per-example gradient norm for examples {bad} "
                 f"(layers: {', '.join(self._nonfinite_layers(groups)[:5])}); is the loss "
                 "NaN/inf? No gradient was written for this backward pass.")
-        if n_zero:  # clip factor 0 and rows zeroed in the kept tensors (0·NaN is still NaN)
+        if n_bad:  # clip factor 0: the unit's rows zeroed in the kept tensors (0·NaN is NaN)
             self.nonfinite_examples += n_bad
-            clip = torch.where(nonfinite, torch.zeros_like(clip), clip)
-            keep = ~nonfinite
-            small = [(p, grad_forms.zero_rows(f, keep)) for p, f in small]
-            rest = [(p, [_Use(u.site, grad_forms.zero_rows(u.form, keep), u.forward_id) for u in uses])
-                    for p, uses in rest]
-            stacked = torch.cat([f.per_example.reshape(batch, p.numel()).to(acc) for p, f in small],
-                                1) if small else None
-            totals = _clipped_totals(small, stacked, rest, clip, acc)
-        if mask is not None:  # padding rows: reported norm 0, whatever their content
-            norms = torch.where(mask.to(device=norms.device, dtype=torch.bool), norms,
-                                torch.zeros_like(norms))
+            forms = clipping.zero_units(forms, ~nonfinite)
+            _, totals = self._clip(forms, units, acc, scale)
         self.last_norms = norms.detach()
         for param, total in totals:
             _accumulate(param, total)
+
+    def _clip(self, forms, units: int, acc, scale: float):
+        """(norms before clipping [U], [(param, Σ_u clip_u G_u)])."""
+        automatic = self.clipping == "automatic"
+        if self.clipping == "per_layer":
+            parts = clipping.per_parameter_norm_sq(forms, acc)
+            clips = [clipping.factor(n.clamp(min=0).sqrt() * scale, self.thresholds[id(p)],
+                                     automatic) * scale for (p, _), n in zip(forms, parts)]
+            norm_sq = torch.stack(parts).sum(0)
+            return norm_sq.clamp(min=0).sqrt() * scale, clipping.per_parameter_totals(forms, clips)
+        norm_sq, split = clipping.flat_norm_sq(forms, units, acc)
+        norms = norm_sq.clamp(min=0).sqrt() * scale
+        clip = clipping.factor(norms, self.max_grad_norm, automatic) * scale
+        return norms, clipping.flat_totals(split, clip, acc)
 
     @staticmethod
     def _nonfinite_layers(groups) -> List[str]:
@@ -204,21 +196,10 @@ class BookKeeper:
         return sorted(bad)
 
 
-def _clipped_totals(small, stacked, rest, clip, acc) -> List[Tuple[nn.Parameter, torch.Tensor]]:
-    """Σ_i clip_i g_i for every parameter."""
-    totals: List[Tuple[nn.Parameter, torch.Tensor]] = []
-    if small:
-        sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
-        totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
-    # One GEMM per layer: stacking same-shape layers into one batched GEMM saved launches
-    # but its copies cost more GPU time than it saved (bench/NOTES.md, stacking A/B).
-    for param, uses in rest:
-        total = None
-        for u in uses:
-            g = grad_forms.clipped_sum(u.form, clip, param.shape)
-            total = g if total is None else total + g
-        totals.append((param, total))
-    return totals
+def _check_rows(t: torch.Tensor, rows: int, what: str) -> None:
+    if t.shape != (rows,):
+        raise BatchLayoutError(f"vaultkern: {what} got shape {tuple(t.shape)} for a backward "
+                               f"pass over {rows} rows (one value per row)")
 
 
 def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:
@@ -229,10 +210,6 @@ def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:
         param.grad = total
     else:
         param.grad.add_(total)
-
-
-def _form_device(form: GradForm) -> torch.device:
-    return form.per_example.device if isinstance(form, grad_forms.Materialized) else form.right.device
 
 
 def _form_dtype(form: GradForm) -> torch.dtype:

@@ -19,12 +19,13 @@ ever accumulates an ordinary (unclipped) gradient into it.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
+from vaultkern.core.clipping import POLICIES, thresholds_for
 from vaultkern.core.capture import Capture, CaptureMode
 from vaultkern.core.distributed import attach_ddp, refuse_sharded
 from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
@@ -74,6 +75,10 @@ class _PatchState:
             capture = Capture(self)
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             capture.track_parameters(params, self.model.buffers())
+            if self.bookkeeper.clipping == "per_layer":
+                self.bookkeeper.thresholds = thresholds_for(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    self.bookkeeper.max_grad_norm)
             for name, p in params:
                 if not any(isinstance(h, _Guard) for h in (p._backward_hooks or {}).values()):
                     p.register_hook(_Guard(name))
@@ -256,7 +261,8 @@ def _readers(model: nn.Module):
     return out
 
 
-def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "sum", *,
+def patch(model: nn.Module, max_grad_norm: Union[float, Sequence[float]] = 1.0,
+          loss_reduction: str = "sum", *, clipping: str = "flat",
           allow_multiple_forwards: bool = False, allow_empty_batch: bool = False,
           linear_mode: Optional[str] = None, nonfinite: str = "drop") -> nn.Module:
     """Patch ``model`` in place for per-example clipping; returns the model.
@@ -267,6 +273,10 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
     loss_reduction: "sum" if the loss is a sum of per-example losses, "mean" if it
         was averaged over the batch (per-example gradients are then those of the
         per-example losses, the Opacus convention).
+    clipping: "flat" (one C for the whole gradient), "automatic" (g·C/(‖g‖ + 0.01)), or
+        "per_layer": each trainable parameter clipped on its own to C_k, with
+        ``max_grad_norm`` a list of C_k in ``model.parameters()`` order or one C split
+        as C/sqrt(P); the noise must then be calibrated to sqrt(Σ C_k²).
     allow_multiple_forwards: accept one backward over several forwards, treating
         row i of every forward as the same example.
     allow_empty_batch: accept 0-row batches (an empty Poisson batch): backward then adds
@@ -285,7 +295,14 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
             "vk.patch(model); ddp = DistributedDataParallel(model) (DDP has already set up its "
             "gradient reduction for the unpatched model)")
     refuse_sharded(model)
-    if not (max_grad_norm > 0):
+    if clipping not in POLICIES:
+        raise ValueError(f"vaultkern: clipping must be one of {POLICIES}, got {clipping!r}")
+    if isinstance(max_grad_norm, (list, tuple)):
+        if clipping != "per_layer":
+            raise ValueError("vaultkern: a list of max_grad_norm (one per parameter) needs "
+                             "clipping='per_layer'")
+        thresholds_for([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    elif not (max_grad_norm > 0):
         raise ValueError(f"vaultkern: max_grad_norm must be > 0, got {max_grad_norm!r}")
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"vaultkern: loss_reduction must be one of {LOSS_REDUCTIONS}, "
@@ -296,7 +313,7 @@ def patch(model: nn.Module, max_grad_norm: float = 1.0, loss_reduction: str = "s
         raise ValueError(f"vaultkern: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     readers = _readers(model)
     bookkeeper = BookKeeper(max_grad_norm, loss_reduction, allow_multiple_forwards,
-                            allow_empty_batch, nonfinite)
+                            allow_empty_batch, nonfinite, clipping)
     state = _PatchState(model, bookkeeper, linear_mode)
     model.register_forward_pre_hook(_ModelStart(state), with_kwargs=True)
     model.register_forward_hook(_ModelEnd(state), with_kwargs=True, always_call=True)
@@ -362,6 +379,17 @@ def set_row_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
     if mask is not None:
         mask = torch.as_tensor(mask).bool().flatten()
     _state(model).bookkeeper.row_mask = mask
+
+
+def set_group_ids(model: nn.Module, ids: Optional[torch.Tensor]) -> None:
+    """Rows with the same id form one privacy unit for the next backward: the clipped
+    quantity is their *summed* gradient (user-level DP); ``last_norms`` is then per group,
+    in the order of the sorted ids. Groups need not be contiguous or equal in size."""
+    if ids is not None:
+        ids = torch.as_tensor(ids).flatten()
+        if ids.is_floating_point():
+            raise TypeError(f"vaultkern: group ids must be integers, got {ids.dtype}")
+    _state(model).bookkeeper.group_ids = ids
 
 
 def patched_sites(model: nn.Module) -> List[Site]:
