@@ -29,12 +29,6 @@ class Plan:
     max_batch_size: Optional[int] = None  # truncated Poisson: every batch has exactly this many rows
     budget_note: str = ""
 
-    def accounting(self) -> dict:
-        """Keyword arguments of the accountant's step: what the sampler actually does."""
-        if self.max_batch_size is None:
-            return {}
-        return {"truncated_max_batch": self.max_batch_size, "dataset_size": self.num_train}
-
 
 def _check_delta(args, num_train: int) -> None:
     if args.delta >= 1.0 / num_train and not args.allow_delta_above_1_over_n:

@@ -49,11 +49,6 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _sampler_seed(dp_seed: int) -> int:
-    """The Poisson sampler's seed: a different stream from the noise's, from the same --dp-seed."""
-    return (dp_seed * 6364136223846793005 + 1442695040888963407) & ((1 << 63) - 1)
-
-
 @torch.no_grad()
 def heldout_loss(model, rows: torch.Tensor, device) -> Optional[float]:
     """Mean token cross-entropy (nats) of the model on rows (private: held-out data)."""
@@ -170,22 +165,16 @@ class TrainingRun:
             self.stepper = self.optimizer
             self.sampler = ShuffledBatches(len(self.rows), args.batch_size, plan.steps, args.seed)
             return
-        import vaultkern as vk
-        from vaultkern.privacy import Accountant, DPOptimizer, PoissonBatchSampler
-        vk.patch(self.model, max_grad_norm=args.max_grad_norm, loss_reduction="sum")
+        from vaultkern.privacy.assembly import assemble
         # Knowing the noise removes it, and knowing the sampler's draws removes the amplification
         # by sampling: by default both are keyed from os.urandom (a release run). --dp-seed
         # makes them reproducible, and the card then says that no formal guarantee holds.
-        secure = args.dp_seed is None
-        # per-sequence losses are summed for backward; the optimizer divides the noisy sum by B̄
-        self.stepper = DPOptimizer(self.optimizer, noise_multiplier=plan.noise_multiplier,
-                                   max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
-                                   loss_reduction="mean", secure_mode=secure, seed=args.dp_seed)
-        self.sampler = PoissonBatchSampler(
-            len(self.rows), plan.sample_rate, plan.steps, max_batch_size=plan.max_batch_size,
-            secure=secure,
-            generator=None if secure else torch.Generator().manual_seed(_sampler_seed(args.dp_seed)))
-        self.accountant = Accountant(args.accountant)
+        run = assemble(self.model, self.optimizer, dataset_size=len(self.rows),
+                       expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
+                       steps=plan.steps, noise_multiplier=plan.noise_multiplier,
+                       dp_seed=args.dp_seed, accountant=args.accountant,
+                       truncated_max_batch=plan.max_batch_size)
+        self.stepper, self.sampler, self.accountant = run.optimizer, run.sampler, run.accountant
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -283,10 +272,8 @@ class TrainingRun:
                           "checkpoint is left untouched" + ("; try a lower --lr." if not plan.dp
                                                             else "."), file=sys.stderr)
                     return {"status": "aborted", "step": self.step, "out": self.out}
-                self.stepper.zero_grad(set_to_none=True)
+                self.stepper.zero_grad(set_to_none=True)  # (the DP step was accounted by the optimizer)
                 self.scheduler.step()
-                if plan.dp:
-                    self.accountant.step(plan.noise_multiplier, plan.sample_rate, **plan.accounting())
                 self.step += 1
                 self.last_loss = loss_sum / tokens if tokens else self.last_loss
                 window_tokens += tokens

@@ -1,0 +1,138 @@
+"""The one place where the DP pieces of a training run are put together.
+
+Every front door — ``PrivacyEngine``, the reference training run
+(``python -m vaultkern train``) and ``vaultkern.hf.DPTrainer`` — builds its run with
+:func:`assemble`, so they agree on what matters for the guarantee:
+
+* the model is patched for per-example clipping (a loss that is a *sum* of
+  per-example losses; the optimizer divides the noisy sum by the expected batch B̄);
+* the DPOptimizer adds σ·C·ξ once per logical step and tells the accountant, which
+  records exactly the event the sampler realises (Poisson, or truncated Poisson);
+* the randomness: secure by default (noise and sampling keyed from ``os.urandom``);
+  a ``dp_seed`` makes both reproducible — for experiments only, since whoever knows
+  it can remove the noise (``formal_guarantee`` is then False);
+* rejected steps: there are none. An example whose gradient is NaN/inf gets clip
+  factor 0 inside the engine, the step proceeds and is accounted;
+* the checkpointed state: accountant history, sampler position and DPOptimizer step
+  (and seed), restored together so that a resumed run reports the same ε.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
+from vaultkern.privacy.optimizer import DPOptimizer
+from vaultkern.privacy.sampling import PoissonBatchSampler
+
+
+def sampler_seed(dp_seed: int) -> int:
+    """The Poisson sampler's seed: a stream apart from the noise's, from the same dp_seed."""
+    return (int(dp_seed) * 6364136223846793005 + 1442695040888963407) & ((1 << 63) - 1)
+
+
+def check_delta(delta: float, dataset_size: int, allow_above: bool = False) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta}: must lie in (0, 1)")
+    if delta >= 1.0 / dataset_size and not allow_above:
+        raise ValueError(
+            f"delta={delta:g} >= 1/N = {1.0 / dataset_size:.3g} (N = {dataset_size} privacy "
+            "units): a mechanism that publishes one random unit in full meets this delta. Use "
+            "a delta well below 1/N.")
+
+
+@dataclass
+class DPRun:
+    """What a front door trains with."""
+
+    model: nn.Module
+    optimizer: DPOptimizer
+    sampler: PoissonBatchSampler
+    accountant: Accountant
+    sample_rate: float
+    noise_multiplier: float
+    expected_batch_size: float
+    dataset_size: int
+    secure: bool
+    truncated_max_batch: Optional[int] = None
+    step_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def formal_guarantee(self) -> bool:
+        return self.secure
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.accountant.get_epsilon(delta)
+
+    def steps_within(self, target_epsilon: float, delta: float, planned: int) -> int:
+        """The most steps (≤ planned) whose ε at this σ and q stays within the target."""
+        def eps(steps: int) -> float:
+            a = Accountant(self.accountant.kind)
+            a.step(self.noise_multiplier, self.sample_rate, steps, **self.step_kwargs)
+            return a.get_epsilon(delta)
+        if eps(planned) <= target_epsilon:
+            return planned
+        lo, hi = 0, planned
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if eps(mid) <= target_epsilon else (lo, mid)
+        return lo
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(), "sampler": self.sampler.state_dict(),
+                "optimizer_dp": self.optimizer.dp_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])  # never restart accounting at 0
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer.load_dp_state_dict(state["optimizer_dp"])
+
+
+def assemble(model: nn.Module, optimizer: torch.optim.Optimizer, *, dataset_size: int,
+             expected_batch_size: float, max_grad_norm: float, steps: int,
+             noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
+             target_delta: Optional[float] = None, dp_seed: Optional[int] = None,
+             accountant: str = "pld", truncated_max_batch: Optional[int] = None,
+             allow_empty_batch: bool = True, patch: bool = True) -> DPRun:
+    """Patch ``model``, wrap ``optimizer``, build the Poisson sampler and the accountant.
+
+    σ is ``noise_multiplier``, or calibrated so that ``steps`` steps spend at most
+    (target_epsilon, target_delta). ``steps`` is the sampler's length (one pass).
+    """
+    import vaultkern as vk
+    if not 0 < expected_batch_size <= dataset_size:
+        raise ValueError(f"expected batch size {expected_batch_size} must lie in (0, N = "
+                         f"{dataset_size}]")
+    q = float(expected_batch_size) / dataset_size
+    step_kwargs = ({} if truncated_max_batch is None else
+                   {"truncated_max_batch": truncated_max_batch, "dataset_size": dataset_size})
+    if noise_multiplier is None:
+        if target_epsilon is None or target_delta is None:
+            raise ValueError("give noise_multiplier, or target_epsilon and target_delta")
+        noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon, target_delta, q, steps, accountant=accountant, **step_kwargs)
+    if patch:
+        vk.patch(model, max_grad_norm=max_grad_norm, loss_reduction="sum",
+                 allow_empty_batch=allow_empty_batch)
+    secure = dp_seed is None
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                               max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                               loss_reduction="mean", secure_mode=secure, seed=dp_seed)
+    sampler = PoissonBatchSampler(
+        dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
+        generator=None if secure else torch.Generator().manual_seed(sampler_seed(dp_seed)))
+    acct = Accountant(accountant)
+    if truncated_max_batch is not None:  # fail now (e.g. RDP), not at the first step
+        Accountant(accountant).step(noise_multiplier, q, 0, **step_kwargs)
+    dp_optimizer.attach_step_hook(lambda opt: acct.step(opt.noise_multiplier, q, **step_kwargs))
+    return DPRun(model, dp_optimizer, sampler, acct, q, float(noise_multiplier),
+                 float(expected_batch_size), int(dataset_size), secure, truncated_max_batch,
+                 step_kwargs)
+
+
+def steps_per_epoch(dataset_size: int, expected_batch_size: float) -> int:
+    return max(1, math.ceil(dataset_size / expected_batch_size))
