@@ -35,14 +35,16 @@ def sampler_seed(dp_seed: int) -> int:
     return (int(dp_seed) * 6364136223846793005 + 1442695040888963407) & ((1 << 63) - 1)
 
 
-def check_delta(delta: float, dataset_size: int, allow_above: bool = False) -> None:
+def check_delta(delta: float, dataset_size: int, allow_above: bool = False,
+                override: str = "") -> None:
+    """δ must be below 1/N: publishing one random privacy unit in full is (0, 1/N)-DP."""
     if not 0 < delta < 1:
         raise ValueError(f"delta={delta}: must lie in (0, 1)")
     if delta >= 1.0 / dataset_size and not allow_above:
         raise ValueError(
             f"delta={delta:g} >= 1/N = {1.0 / dataset_size:.3g} (N = {dataset_size} privacy "
             "units): a mechanism that publishes one random unit in full meets this delta. Use "
-            "a delta well below 1/N.")
+            f"a delta well below 1/N{override}.")
 
 
 @dataclass

@@ -31,12 +31,10 @@ class Plan:
 
 
 def _check_delta(args, num_train: int) -> None:
-    if args.delta >= 1.0 / num_train and not args.allow_delta_above_1_over_n:
-        raise ValueError(
-            f"--delta {args.delta:g} >= 1/N = {1.0 / num_train:.3g} (N = {num_train} training "
-            "sequences): a mechanism that publishes one random sequence in full meets this δ. "
-            "Use a δ well below 1/N, or pass --allow-delta-above-1-over-n to train anyway (the "
-            "model card then says that no formal guarantee holds)")
+    from vaultkern.privacy.assembly import check_delta
+    check_delta(args.delta, num_train, args.allow_delta_above_1_over_n,
+                override=", or pass --allow-delta-above-1-over-n to train anyway (the model card "
+                         "then says that no formal guarantee holds)")
 
 
 def make_plan(args, num_train: int) -> Plan:
