@@ -1,0 +1,182 @@
+"""vaultkern.hf.DPTrainer: Hugging Face fine-tuning with DP-SGD (tiny models from configs,
+nothing downloaded)."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import dp_accounting  # noqa: E402
+
+import vaultkern as vk  # noqa: E402
+from hf_zoo import make  # noqa: E402
+from vaultkern.hf import DPTrainer, per_example_lm_loss  # noqa: E402
+from vaultkern.privacy.assembly import sampler_seed  # noqa: E402
+from vaultkern.privacy.sampling import PoissonBatchSampler, split_microbatches  # noqa: E402
+
+N = 30
+
+
+def dataset(n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 10, (n,), generator=g)
+    return [{"input_ids": torch.randint(3, 61, (int(L),), generator=g).tolist()} for L in lengths]
+
+
+def collate(items):
+    """Right padding, pads labelled -100 (what DataCollatorForLanguageModeling produces)."""
+    T = max(len(x["input_ids"]) for x in items)
+    ids = torch.zeros(len(items), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(items):
+        ids[i, :len(x["input_ids"])] = torch.tensor(x["input_ids"])
+        mask[i, :len(x["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def targs(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                max_steps=4, learning_rate=0.05, logging_steps=2, save_strategy="no",
+                report_to=[], use_cpu=True, disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def lora(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
+
+
+def quiet(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def eps_dp_accounting(q, sigma, steps, delta):
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("name,adapters", [("llama", False), ("llama", True), ("vaultgemma", False)])
+def test_epsilon_is_accounted_and_within_target(name, adapters, tmp_path):
+    model = make(name, dtype=torch.float32)
+    model = lora(model) if adapters else model
+    trainer = DPTrainer(model=model, args=targs(tmp_path), train_dataset=dataset(),
+                        data_collator=collate, target_epsilon=8.0, target_delta=1e-3)
+    quiet(trainer.train)
+    q = 6 / N
+    assert trainer.dp.sample_rate == q and trainer.dp.accountant.total_steps == 4
+    want = eps_dp_accounting(q, trainer.noise_multiplier, 4, 1e-3)
+    assert abs(trainer.get_epsilon() - want) / want < 0.01
+    assert trainer.get_epsilon() <= 8.0
+    logged = [h["epsilon"] for h in trainer.state.log_history if "epsilon" in h]
+    assert logged and logged[-1] == pytest.approx(trainer.get_epsilon(), rel=1e-6)
+    if adapters:
+        frozen = [p for n, p in trainer.model.named_parameters() if not p.requires_grad]
+        assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_three_steps_equal_the_same_steps_by_hand(tmp_path):
+    """σ = 0, a fixed dp_seed, SGD: the Trainer's weights are vk.patch + DPOptimizer's."""
+    data = dataset()
+
+    def sgd(model):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model = make("llama", dtype=torch.float64)
+    trainer = DPTrainer(model=model, args=targs(tmp_path, max_steps=3), train_dataset=data,
+                        data_collator=collate, noise_multiplier=0.0, target_delta=1e-3,
+                        max_grad_norm=0.5, dp_seed=7, optimizers=sgd(model))
+    quiet(trainer.train)
+
+    ref = make("llama", dtype=torch.float64)
+    vk.patch(ref, max_grad_norm=0.5, loss_reduction="sum", allow_empty_batch=True)
+    opt = vk.DPOptimizer(sgd(ref)[0], noise_multiplier=0.0, max_grad_norm=0.5,
+                         expected_batch_size=6, loss_reduction="mean", seed=7)
+    sampler = PoissonBatchSampler(N, 6 / N, 3, generator=torch.Generator().manual_seed(sampler_seed(7)))
+    for indices in sampler:
+        for chunk in split_microbatches(indices, 3):
+            per_example_lm_loss(ref, collate([data[i] for i in chunk])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        assert rel(p, r) <= 1e-6, n
+
+
+def rel(a, b):
+    return float((a.detach() - b.detach()).norm() / b.detach().norm().clamp(min=1e-12))
+
+
+def test_resume_gives_the_same_epsilon_and_weights(tmp_path):
+    def run(out, resume=None, max_steps=4):
+        model = make("llama", dtype=torch.float64)
+        t = DPTrainer(model=model, args=targs(out, save_strategy="steps", save_steps=2,
+                                              max_steps=max_steps),
+                      train_dataset=dataset(), data_collator=collate, noise_multiplier=1.0,
+                      target_delta=1e-3, dp_seed=3)
+        quiet(lambda: t.train(resume_from_checkpoint=resume))
+        return t
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.dp.accountant.total_steps == 4
+    assert resumed.get_epsilon() == pytest.approx(whole.get_epsilon(), rel=1e-12)
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert rel(q, p) <= 1e-9, n
+
+
+def test_saved_model_reloads_with_its_card(tmp_path):
+    model = lora(make("llama", dtype=torch.float32))
+    trainer = DPTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(),
+                        data_collator=collate, target_epsilon=4.0, target_delta=1e-3)
+    quiet(trainer.train)
+    out = tmp_path / "final"
+    quiet(lambda: trainer.save_model(str(out)))
+    import json
+    card = json.load(open(out / "model_card.json"))
+    assert card["privacy"]["epsilon"] == pytest.approx(trainer.get_epsilon())
+    assert card["privacy"]["steps"] == 2 and card["privacy"]["formal_guarantee"] is True
+    assert "ε" in open(out / "MODEL_CARD.md").read()
+    peft = pytest.importorskip("peft")
+    reloaded = peft.PeftModel.from_pretrained(make("llama", dtype=torch.float32), str(out))
+    for n, p in reloaded.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, dict(trainer.model.named_parameters())[n].detach())
+
+
+def test_budget_stops_training_and_replaced_sampler_is_refused(tmp_path):
+    trainer = DPTrainer(model=make("llama", dtype=torch.float32), args=targs(tmp_path, max_steps=50),
+                        train_dataset=dataset(), data_collator=collate, noise_multiplier=0.8,
+                        target_epsilon=3.0, target_delta=1e-3)
+    assert 0 < trainer.dp_budget_steps < 50
+    quiet(trainer.train)
+    assert trainer.state.global_step == trainer.dp_budget_steps
+    assert trainer.get_epsilon() <= 3.0
+
+    class Shuffled(DPTrainer):
+        def _get_train_sampler(self, *a):
+            return torch.utils.data.RandomSampler(self.train_dataset)
+    bad = Shuffled(model=make("llama", dtype=torch.float32), args=targs(tmp_path / "b"),
+                   train_dataset=dataset(), data_collator=collate, target_epsilon=3.0,
+                   target_delta=1e-3)
+    with pytest.raises(RuntimeError, match="Poisson"):
+        quiet(bad.train)
+    with pytest.raises(ValueError, match="1/N"):
+        DPTrainer(model=make("llama"), args=targs(tmp_path / "c"), train_dataset=dataset(),
+                  data_collator=collate, target_epsilon=3.0, target_delta=0.1)
+
+
+def test_bf16_and_gradient_checkpointing_run(tmp_path):
+    trainer = DPTrainer(model=make("llama", dtype=torch.float32),
+                        args=targs(tmp_path, max_steps=2, bf16=True, gradient_checkpointing=True),
+                        train_dataset=dataset(), data_collator=collate, target_epsilon=8.0,
+                        target_delta=1e-3)
+    quiet(trainer.train)
+    assert trainer.dp.accountant.total_steps == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not math.isnan(trainer.get_epsilon())
+    assert os.path.isdir(tmp_path)

@@ -1,0 +1,192 @@
+"""``DPTrainer``: DP-SGD fine-tuning with the Hugging Face ``Trainer``.
+
+    trainer = DPTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                        data_collator=collator, target_epsilon=8.0, target_delta=1e-5,
+                        max_grad_norm=1.0)
+    trainer.train(); trainer.get_epsilon(); trainer.save_model(out)
+
+What changes against a plain Trainer (the DP pieces come from
+:func:`vaultkern.privacy.assembly.assemble`, as for every front door):
+
+* the logical batch is the Trainer's own: ``per_device_train_batch_size ×
+  gradient_accumulation_steps`` is the *expected* batch B̄; every step is a Poisson
+  sample of the training set at q = B̄/N, cut into physical micro-batches of at most
+  ``per_device_train_batch_size`` rows, noised once and divided by B̄. Internally the
+  Trainer then runs with ``gradient_accumulation_steps=1`` (one loader item = one
+  logical step), ``max_grad_norm=0`` (the per-example C replaces global clipping) and
+  ``ignore_data_skip=True`` (the sampler resumes from its own state);
+* the loss is each example's own mean next-token loss over its labelled tokens
+  (``-100`` ignored), summed over the batch — never the batch-wide token mean of
+  ``model(labels=...)``, which couples examples (DESIGN.md §1);
+* σ is calibrated from (ε, δ) and the planned steps, or given; training stops when
+  the budget is spent; ε is logged; the accountant, sampler and DP step live in every
+  checkpoint and come back with ``resume_from_checkpoint``; ``save_model`` writes a
+  model card beside the weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from vaultkern.hf.card import write_trainer_card
+from vaultkern.privacy.assembly import assemble, check_delta, steps_per_epoch
+from vaultkern.privacy.optimizer import DPOptimizer
+
+DP_STATE_FILE = "vaultkern_dp.pt"
+
+
+class LogicalBatch(list):
+    """One logical (Poisson-sampled) batch: a list of collated physical micro-batches."""
+
+    rows = 0
+
+
+class _SplitCollate:
+    def __init__(self, collate, max_rows: int):
+        self.collate, self.max_rows = collate, max_rows
+
+    def __call__(self, items: List[Any]) -> LogicalBatch:
+        batch = LogicalBatch(self.collate(items[i:i + self.max_rows])
+                             for i in range(0, len(items), self.max_rows))
+        batch.rows = len(items)
+        return batch
+
+
+def per_example_lm_loss(model, inputs: dict) -> torch.Tensor:
+    """[B]: each sequence's mean next-token cross-entropy over its own labelled tokens."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits
+    shift = labels[:, 1:]
+    tokens = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shift, reduction="none",
+                             ignore_index=-100)
+    counts = (shift != -100).sum(1)
+    return tokens.sum(1) / counts.clamp(min=1)
+
+
+class DPTrainer(Trainer):
+    def __init__(self, *args, target_epsilon: Optional[float] = None,
+                 target_delta: Optional[float] = None, noise_multiplier: Optional[float] = None,
+                 max_grad_norm: float = 1.0, dp_seed: Optional[int] = None,
+                 accountant: str = "pld", **kwargs):
+        super().__init__(*args, **kwargs)
+        targs = self.args
+        if targs.world_size > 1:
+            raise NotImplementedError(
+                "DPTrainer runs on one process for now: distributed Poisson sampling is not "
+                "wired into it yet (see vaultkern's distributed support for DDP).")
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("DPTrainer needs a train_dataset with a length (N sets q = B̄/N)")
+        if target_delta is None:
+            raise ValueError("DPTrainer needs target_delta (δ of the reported guarantee)")
+        n = len(self.train_dataset)
+        check_delta(target_delta, n)
+        self.dp_physical_batch = targs.per_device_train_batch_size
+        self.dp_expected_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+        if self.dp_expected_batch > n:
+            raise ValueError(f"the expected batch {self.dp_expected_batch} exceeds the {n} "
+                             "training examples")
+        self.dp_delta, self.dp_target_epsilon = target_delta, target_epsilon
+        per_epoch = steps_per_epoch(n, self.dp_expected_batch)
+        planned = targs.max_steps if targs.max_steps > 0 else math.ceil(targs.num_train_epochs * per_epoch)
+        self.dp = assemble(self.model, None, dataset_size=n,
+                           expected_batch_size=self.dp_expected_batch, max_grad_norm=max_grad_norm,
+                           steps=planned, noise_multiplier=noise_multiplier,
+                           target_epsilon=target_epsilon if noise_multiplier is None else None,
+                           target_delta=target_delta, dp_seed=dp_seed, accountant=accountant)
+        self.noise_multiplier = self.dp.noise_multiplier
+        self.dp_budget_steps = planned
+        if target_epsilon is not None and noise_multiplier is not None:  # stop when spent
+            self.dp_budget_steps = self.dp.steps_within(target_epsilon, target_delta, planned)
+        # One loader item is one logical step and the sampler's one pass is the whole run
+        # (Poisson sampling has no epochs); the per-example C replaces global clipping; the
+        # sampler resumes from its own state instead of the Trainer skipping batches.
+        targs.gradient_accumulation_steps, targs.max_grad_norm = 1, 0.0
+        targs.max_steps, targs.ignore_data_skip = self.dp_budget_steps, True
+
+    # -- the optimizer: the wrapped Trainer optimizer, noised by the assembled DPOptimizer ----
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if isinstance(optimizer, DPOptimizer):
+            return optimizer
+        if self.dp.optimizer is None or self.dp.optimizer.original_optimizer is not optimizer:
+            self.optimizer = self.dp.attach_optimizer(optimizer)
+        return self.optimizer
+
+    # -- data: Poisson logical batches, micro-batches inside ------------------------------
+    def get_train_dataloader(self):
+        if type(self)._get_train_sampler is not Trainer._get_train_sampler or \
+                type(self).get_train_dataloader is not DPTrainer.get_train_dataloader:
+            raise RuntimeError("DPTrainer: a replaced train sampler or dataloader would not be "
+                               "Poisson sampling, and the reported ε would not hold; remove "
+                               "the override.")
+        dataset = self.train_dataset
+        if hasattr(self, "_remove_unused_columns") and hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.dp.sampler,
+            collate_fn=_SplitCollate(self.data_collator, self.dp_physical_batch),
+            num_workers=0)  # prefetching workers would run the sampler ahead of its saved state
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        samples = []
+        for _ in range(num_batches):
+            try:
+                samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        return samples, None
+
+    def training_step(self, model, inputs: LogicalBatch, num_items_in_batch=None):
+        model.train()
+        total = torch.zeros((), device=self.args.device)
+        for micro in inputs:  # clipped sums accumulate in p.grad; one noisy step follows
+            micro = self._prepare_inputs(micro)
+            with self.compute_loss_context_manager():
+                losses = per_example_lm_loss(model, micro)
+            self.accelerator.backward(losses.sum())
+            total += losses.detach().sum()
+        return total / max(inputs.rows, 1)
+
+    def floating_point_ops(self, inputs) -> int:
+        return sum(super(DPTrainer, self).floating_point_ops(m) for m in inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        for micro in inputs:
+            super()._track_num_input_tokens(micro)
+
+    # -- what is reported, saved and restored ---------------------------------------------
+    def get_epsilon(self, delta: Optional[float] = None) -> float:
+        return self.dp.get_epsilon(self.dp_delta if delta is None else delta)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs:  # a training log: the guarantee spent so far goes with it
+            logs["epsilon"] = self.get_epsilon()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            torch.save(self.dp.state_dict(), os.path.join(folder, DP_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, DP_STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {DP_STATE_FILE}: it was not written by DPTrainer, and "
+                "resuming without the accountant's history would under-report ε")
+        self.dp.load_state_dict(torch.load(path, weights_only=False))
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            write_trainer_card(self, output_dir or self.args.output_dir)
