@@ -52,7 +52,7 @@ class DPRun:
     """What a front door trains with."""
 
     model: nn.Module
-    optimizer: DPOptimizer
+    optimizer: Optional[DPOptimizer]   # None until attach_optimizer (a Trainer makes it later)
     sampler: PoissonBatchSampler
     accountant: Accountant
     sample_rate: float
@@ -62,6 +62,18 @@ class DPRun:
     secure: bool
     truncated_max_batch: Optional[int] = None
     step_kwargs: dict = field(default_factory=dict)
+    max_grad_norm: float = 1.0
+    dp_seed: Optional[int] = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
+        """Wrap ``optimizer``: noise once per logical step, ÷ B̄, and account the step."""
+        self.optimizer = DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size, loss_reduction="mean",
+            secure_mode=self.secure, seed=self.dp_seed)
+        acct, q, kw = self.accountant, self.sample_rate, self.step_kwargs
+        self.optimizer.attach_step_hook(lambda opt: acct.step(opt.noise_multiplier, q, **kw))
+        return self.optimizer
 
     @property
     def formal_guarantee(self) -> bool:
@@ -94,7 +106,7 @@ class DPRun:
         self.optimizer.load_dp_state_dict(state["optimizer_dp"])
 
 
-def assemble(model: nn.Module, optimizer: torch.optim.Optimizer, *, dataset_size: int,
+def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, dataset_size: int,
              expected_batch_size: float, max_grad_norm: float, steps: int,
              noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
              target_delta: Optional[float] = None, dp_seed: Optional[int] = None,
@@ -104,6 +116,7 @@ def assemble(model: nn.Module, optimizer: torch.optim.Optimizer, *, dataset_size
 
     σ is ``noise_multiplier``, or calibrated so that ``steps`` steps spend at most
     (target_epsilon, target_delta). ``steps`` is the sampler's length (one pass).
+    ``optimizer`` may be None and attached later (:meth:`DPRun.attach_optimizer`).
     """
     import vaultkern as vk
     if not 0 < expected_batch_size <= dataset_size:
@@ -121,19 +134,18 @@ def assemble(model: nn.Module, optimizer: torch.optim.Optimizer, *, dataset_size
         vk.patch(model, max_grad_norm=max_grad_norm, loss_reduction="sum",
                  allow_empty_batch=allow_empty_batch)
     secure = dp_seed is None
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                               max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                               loss_reduction="mean", secure_mode=secure, seed=dp_seed)
     sampler = PoissonBatchSampler(
         dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
         generator=None if secure else torch.Generator().manual_seed(sampler_seed(dp_seed)))
     acct = Accountant(accountant)
     if truncated_max_batch is not None:  # fail now (e.g. RDP), not at the first step
         Accountant(accountant).step(noise_multiplier, q, 0, **step_kwargs)
-    dp_optimizer.attach_step_hook(lambda opt: acct.step(opt.noise_multiplier, q, **step_kwargs))
-    return DPRun(model, dp_optimizer, sampler, acct, q, float(noise_multiplier),
-                 float(expected_batch_size), int(dataset_size), secure, truncated_max_batch,
-                 step_kwargs)
+    run = DPRun(model, None, sampler, acct, q, float(noise_multiplier), float(expected_batch_size),
+                int(dataset_size), secure, truncated_max_batch, step_kwargs, float(max_grad_norm),
+                dp_seed)
+    if optimizer is not None:
+        run.attach_optimizer(optimizer)
+    return run
 
 
 def steps_per_epoch(dataset_size: int, expected_batch_size: float) -> int:
