@@ -22,15 +22,29 @@ dp-accounting's ``PLDAccountant`` (default, tight) or ``RdpAccountant``
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from typing import List, NamedTuple, Optional
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import dp_accounting
 from dp_accounting import mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from vaultkern.privacy.pld import ComposedPLDs, parts_of
+
 ACCOUNTANTS = ("pld", "rdp")
+# Opacus' other accountants, and what vaultkern computes for them (one notice each time).
+OPACUS_ACCOUNTANTS = {
+    "prv": "accountant='prv' (Opacus' default): computed with dp-accounting's PLD accountant, "
+           "the closest equivalent (numerical, tight, an upper bound); ε may differ from "
+           "Opacus' PRV in the second or third digit. Pass accountant='pld' to silence this.",
+    "gdp": "accountant='gdp': Opacus' Gaussian-DP accountant is a central-limit approximation "
+           "that can under-report ε; vaultkern computes a valid upper bound with dp-accounting's "
+           "PLD accountant instead (expect a larger ε). Pass accountant='pld' (or 'rdp').",
+}
 
 
 class HistoryEntry(NamedTuple):
@@ -57,8 +71,28 @@ class HistoryEntry(NamedTuple):
 
 def _check_kind(kind: str) -> str:
     if kind not in ACCOUNTANTS:
-        raise ValueError(f"accountant={kind!r}: expected one of {ACCOUNTANTS}")
+        raise ValueError(f"accountant={kind!r}: expected one of {ACCOUNTANTS} (or Opacus' "
+                         f"{tuple(OPACUS_ACCOUNTANTS)}, computed as 'pld')")
     return kind
+
+
+class _UnconvergedOrder(logging.Filter):
+    """Drops dp-accounting's warning for an RDP order whose series does not converge (small
+    fractional orders at a large q): that order is left out of the minimum over orders, so
+    ε stays an upper bound and the line, repeated per order and per call, tells nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("_compute_log_a_frac failed to converge")
+
+
+@contextlib.contextmanager
+def _quiet_rdp():
+    logger, drop = logging.getLogger("absl"), _UnconvergedOrder()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 # Discretisation of the privacy-loss values in the PLD accountant. dp-accounting
@@ -117,11 +151,13 @@ class Accountant:
     """The privacy spent by a training run: a history of DP-SGD steps.
 
     ``kind="pld"`` (default) uses dp-accounting's privacy-loss-distribution
-    accountant, ``"rdp"`` its Rényi-DP accountant. Consecutive steps with the
+    accountant, ``"rdp"`` its Rényi-DP accountant; Opacus' ``"prv"`` and ``"gdp"``
+    are computed as ``"pld"``, with a one-line notice. Consecutive steps with the
     same (σ, q, cap, N) are merged into one history entry, so long runs keep a
-    short history; ε is recomputed from the whole history (cached), so a run
-    restored with :meth:`load_state_dict` reports exactly the ε of an
-    uninterrupted one.
+    short history. ε is a function of the history alone (PLD: composed by
+    :mod:`vaultkern.privacy.pld`, which keeps the composed prefix so that a few
+    more steps cost one composition), so a run restored with
+    :meth:`load_state_dict` reports exactly the ε of an uninterrupted one.
 
     ``pld_discretization`` is the PLD accountant's grid of privacy-loss values
     (dp-accounting's default 1e-4). dp-accounting rounds pessimistically, so a
@@ -130,13 +166,21 @@ class Accountant:
     """
 
     def __init__(self, kind: str = "pld", pld_discretization: float = PLD_DISCRETIZATION):
+        if kind in OPACUS_ACCOUNTANTS:
+            warnings.warn(OPACUS_ACCOUNTANTS[kind], UserWarning, stacklevel=2)
+            kind = "pld"
         self.kind = _check_kind(kind)
         if not 0 < pld_discretization <= 0.1:
             raise ValueError(f"pld_discretization={pld_discretization}: must lie in (0, 0.1]")
         self.pld_discretization = float(pld_discretization)
         self.history: List[HistoryEntry] = []
-        self._cache_key = None
-        self._cache_accountant = None
+        self._plds = ComposedPLDs(self.pld_discretization)
+        self._epsilons: dict = {}  # (history, δ) -> ε of the current history
+
+    def __getstate__(self) -> dict:  # the caches are rebuilt on demand, never copied
+        state = dict(self.__dict__)
+        state["_plds"], state["_epsilons"] = ComposedPLDs(self.pld_discretization), {}
+        return state
 
     def __len__(self) -> int:
         return len(self.history)
@@ -170,20 +214,54 @@ class Accountant:
         """The composed dp-accounting event of the whole history."""
         return dp_accounting.ComposedDpEvent([entry.event() for entry in self.history])
 
-    def _composed(self) -> dp_accounting.PrivacyAccountant:
-        key = tuple(self.history)
-        if key != self._cache_key:
-            accountant = make_dp_accountant(self.kind, self.pld_discretization)
+    def _rdp(self, orders: Optional[Sequence[float]] = None) -> rdp_privacy_accountant.RdpAccountant:
+        accountant = rdp_privacy_accountant.RdpAccountant(orders)
+        with _quiet_rdp():
             accountant.compose(self.event())
-            self._cache_key, self._cache_accountant = key, accountant
-        return self._cache_accountant
+        return accountant
 
-    def get_epsilon(self, delta: float) -> float:
-        """ε such that the run so far is (ε, δ)-DP (0 before any step)."""
+    def get_epsilon(self, delta: float, alphas: Optional[Sequence[float]] = None, *,
+                    eps_error: Optional[float] = None,
+                    delta_error: Optional[float] = None) -> float:
+        """ε such that the run so far is (ε, δ)-DP (0 before any step).
+
+        Opacus' keywords: ``alphas`` (RDP orders, ``kind="rdp"`` only) are used;
+        ``eps_error``/``delta_error`` (the tolerances of Opacus' PRV estimate) are checked
+        and need nothing more: the PLD ε is already an upper bound, at the resolution of
+        ``pld_discretization``.
+        """
         delta = _check_delta(delta)
+        for name, value in (("eps_error", eps_error), ("delta_error", delta_error)):
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name}={value}: must be > 0")
+        if alphas is not None and self.kind != "rdp":
+            raise ValueError(f"alphas={alphas}: RDP orders, but this accountant is "
+                             f"{self.kind!r}; use Accountant('rdp') to choose orders")
         if not self.history:
             return 0.0
-        return float(self._composed().get_epsilon(delta))
+        key = (tuple(self.history), delta, None if alphas is None else tuple(alphas))
+        if key not in self._epsilons:
+            if self.kind == "rdp":
+                eps = self._rdp(alphas).get_epsilon(delta)
+            else:
+                parts = parts_of(self.history)
+                eps = math.inf if parts is None else self._plds.compose(parts).get_epsilon_for_delta(delta)
+            self._epsilons = {k: v for k, v in self._epsilons.items() if k[0] == key[0]}
+            self._epsilons[key] = float(eps)
+        return self._epsilons[key]
+
+    def get_privacy_spent(self, *, delta: float,
+                          alphas: Optional[Sequence[float]] = None) -> Tuple[float, float]:
+        """(ε, the RDP order that gives it), as Opacus' RDP accountant returns them."""
+        if self.kind != "rdp":
+            raise ValueError(
+                f"get_privacy_spent returns (epsilon, best RDP order), an RDP quantity; this "
+                f"accountant is {self.kind!r}. Use get_epsilon(delta), or Accountant('rdp').")
+        delta = _check_delta(delta)
+        if not self.history:
+            return 0.0, 0.0
+        eps, order = self._rdp(alphas).get_epsilon_and_optimal_order(delta)
+        return float(eps), float(order)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "pld_discretization": self.pld_discretization,
@@ -223,6 +301,7 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 SIGMA_MIN, SIGMA_MAX = 0.05, 1.0e4
 
 
+@_quiet_rdp()
 def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate: float,
                                steps: int, accountant: str = "pld",
                                epsilon_tolerance: float = 0.01,
