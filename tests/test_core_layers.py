@@ -52,12 +52,13 @@ def test_linear_shapes(shape, bias):
     check(m, (x, y), sq_loss, C=0.5)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "direct"])
-def test_linear_modes_agree(mode):
+@pytest.mark.parametrize("mode,memory", [("ghost", 0), ("direct", 0), (None, 1 << 20)])
+def test_linear_modes_agree(mode, memory):
+    """Factored ghost and direct norms, and per-example gradients (MixOpt)."""
     torch.manual_seed(1)
     m = nn.Linear(9, 11)
     x, y = torch.randn(4, 6, 9), torch.randn(4, 6, 11)
-    check(m, (x, y), sq_loss, C=0.3, linear_mode=mode)
+    check(m, (x, y), sq_loss, C=0.3, linear_mode=mode, per_example_memory=memory)
 
 
 def test_linear_float32_and_clipping_inactive():

@@ -23,10 +23,12 @@ def ids_batch(B=3, T=8, V=29, seed=0):
 
 
 @pytest.mark.parametrize("name", list(DECODERS))
-@pytest.mark.parametrize("C", [0.05, 1e4])  # clipping active / inactive
-def test_decoder_float64(name, C):
+@pytest.mark.parametrize("C,memory", [(0.05, 0), (0.05, 1 << 24), (1e4, 1 << 24)])
+def test_decoder_float64(name, C, memory):
+    """C = 0.05 clips, 1e4 does not; memory 0: factored forms only, 16 MiB: per-example
+    weight gradients (MixOpt) for the linear layers."""
     torch.manual_seed(0)
-    check(TinyDecoder(**DECODERS[name]), ids_batch(), lm_loss, C=C)
+    check(TinyDecoder(**DECODERS[name]), ids_batch(), lm_loss, C=C, per_example_memory=memory)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

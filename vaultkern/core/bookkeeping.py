@@ -64,6 +64,10 @@ class BookKeeper:
         self.row_mask: Optional[torch.Tensor] = None   # for the next backward (set_row_mask)
         self.group_ids: Optional[torch.Tensor] = None  # for the next backward (set_group_ids)
         self.after_write = None  # DDP's bucket sync (vaultkern.core.distributed), if any
+        # MixOpt: bytes of per-example weight gradients a backward may keep instead of
+        # factored forms (see handlers._linear_like); "used" resets with every backward
+        self.per_example_budget = 0
+        self._per_example_used = 0
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
         self._callback_queued = False
 
@@ -85,9 +89,17 @@ class BookKeeper:
             entry = self._uses.setdefault(id(param), (param, []))
             entry[1].append(_Use(site, form, forward_id))
 
+    def reserve_per_example(self, nbytes: int) -> bool:
+        """Room for ``nbytes`` more of per-example gradients in this backward?"""
+        if self._per_example_used + nbytes > self.per_example_budget:
+            return False
+        self._per_example_used += nbytes
+        return True
+
     def reset(self) -> None:
         self._uses.clear()
         self._callback_queued = False
+        self._per_example_used = 0
 
     # -- when backward ends -------------------------------------------------------------------
     def _finish(self) -> None:

@@ -25,6 +25,9 @@ from vaultkern.core.grad_forms import Factored, GradForm, Materialized
 CLIP_EPS = 1e-6
 AUTOMATIC_GAMMA = 0.01
 POLICIES = ("flat", "per_layer", "automatic")
+# materialised gradients of parameters up to this size are concatenated into one [U, n]
+# matrix (one reduction, one product); larger ones (MixOpt weights) are reduced in place
+SMALL_PARAMETER = 1 << 16
 
 Groups = List[Tuple[nn.Parameter, List[GradForm]]]
 
@@ -77,8 +80,8 @@ def flat_norm_sq(groups: Groups, units: int, acc) -> Tuple[torch.Tensor, tuple]:
     (small materialised gradients as one matrix; layers sharing an input in one call).
     Returns the norms and the split (small, stacked, rest) that the sums reuse."""
     device = _device(groups[0][1][0])
-    small = [(p, forms[0]) for p, forms in groups
-             if len(forms) == 1 and isinstance(forms[0], Materialized)]
+    small = [(p, forms[0]) for p, forms in groups if len(forms) == 1 and isinstance(
+        forms[0], Materialized) and p.numel() <= SMALL_PARAMETER]
     small_ids = {id(p) for p, _ in small}
     rest = [(p, forms) for p, forms in groups if id(p) not in small_ids]
     norm_sq = torch.zeros(units, dtype=acc, device=device)

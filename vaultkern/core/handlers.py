@@ -104,21 +104,37 @@ def _linear_like(cap, func, args, kwargs, x, w, b, weight_on_right: bool):
     root, transposed = ew.alias
     standard = transposed == weight_on_right  # the root is [out, in]: G = Σ_t g_tᵀ a_t
     bias_root = eb.alias[0] if eb is not None else None
-    B, mode = cap.batch, cap.state.linear_mode
+    B, mode, bookkeeper, site = cap.batch, cap.state.linear_mode, cap.state.bookkeeper, cap.site()
 
     def linear(saved, g):
         a = by_example(saved[0], B)
         g = by_example(g, B)
         if a.dtype != g.dtype:  # autocast cast the input for the matmul
             a = a.to(g.dtype)
-        forms = {root: Factored(g, a, mode=mode) if standard else
-                 Factored(a, g, mode=mode, input_side="left")}
+        left, right = (g, a) if standard else (a, g)
+        if mode != "ghost" and bookkeeper.reserve_per_example(B * root.numel() * _acc_size(g)):
+            # MixOpt: the per-example gradients cost one batched GEMM (the weight gradient's
+            # flops) and replace both the norm and the clipped-sum GEMM at the end
+            forms = {root: Materialized(_per_example_outer(left, right))}
+            site.kinds.add("linear:per-example")
+        else:
+            forms = {root: Factored(left, right, mode=mode, input_side="right" if standard else "left")}
         if bias_root is not None:
             forms[bias_root] = Materialized(g.sum(1, dtype=acc_dtype(g)))
         return forms
 
     roots = [r for r in (root, bias_root) if r is not None]
     return _captured(cap, out, [xb], roots, linear)
+
+
+def _acc_size(t: torch.Tensor) -> int:
+    return 8 if t.dtype == torch.float64 else 4
+
+
+def _per_example_outer(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """[B, rows, cols]: Σ_t left_tᵀ right_t per example, accumulated in fp32 (fp64 for fp64)."""
+    acc = acc_dtype(left)
+    return torch.bmm(left.transpose(1, 2).to(acc), right.to(acc))
 
 
 def _f_linear(cap, func, args, kwargs):
