@@ -8,13 +8,16 @@
 * :class:`PoissonBatchSampler`, :func:`make_poisson_loader`,
   :class:`BatchMemoryManager` - Poisson / truncated Poisson batches and
   micro-batches.
+* :class:`ModuleValidator` - Opacus' validate / fix (BatchNorm -> GroupNorm, recurrent
+  layers -> opacus.layers' DP versions).
 """
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier  # noqa: F401
 from vaultkern.privacy.engine import PrivacyEngine  # noqa: F401
 from vaultkern.privacy.optimizer import DPOptimizer  # noqa: F401
 from vaultkern.privacy.sampling import (  # noqa: F401
     BatchMemoryManager, PoissonBatchSampler, make_poisson_loader, split_microbatches)
+from vaultkern.privacy.validator import ModuleValidator  # noqa: F401
 
 __all__ = ["PrivacyEngine", "DPOptimizer", "Accountant", "PoissonBatchSampler",
            "calibrate_noise_multiplier", "BatchMemoryManager", "make_poisson_loader",
-           "split_microbatches"]
+           "split_microbatches", "ModuleValidator"]

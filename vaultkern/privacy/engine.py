@@ -25,22 +25,30 @@ What ``make_private`` does:
 Shuffle-and-chunk loaders are not Poisson sampling and ε computed as if they
 were is not a valid guarantee (Chua et al. 2024); ``poisson_sampling=False``
 therefore needs ``allow_non_poisson=True`` and warns loudly.
+
+The rest of Opacus' surface (grad_sample_mode, the ghost criterion, noise_generator,
+wrap_model, per-layer clipping, checkpoints, module validation) is mapped in
+:mod:`vaultkern.privacy.opacus_compat` and :mod:`vaultkern.privacy.validator`.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vaultkern.privacy import opacus_compat as compat
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.core.distributed import shared_random_seed
 from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
 from vaultkern.privacy.sampling import (
     MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
     poisson_sampler_of)
+from vaultkern.privacy.validator import ModuleValidator
+
+CLIPPING = ("flat", "per_layer", "automatic")
 
 
 class _NoteForward:
@@ -54,19 +62,68 @@ class _NoteForward:
             self.optimizer.note_forward()
 
 
+class _RecordStep:
+    """The optimizer's step hook: accounts the step, once sure that the noise is scaled to
+    the sensitivity the model clips to and that the model is still patched for it."""
+
+    def __init__(self, accountant: Accountant, sample_rate: float, step_kwargs: dict,
+                 module: nn.Module, clip_total: float):
+        self.accountant, self.sample_rate, self.step_kwargs = accountant, sample_rate, step_kwargs
+        self.module, self.patch_state, self.clip_total = module, module._vaultkern, clip_total
+
+    def __call__(self, optimizer: DPOptimizer) -> None:
+        if getattr(self.module, "_vaultkern", None) is not self.patch_state:
+            raise RuntimeError(
+                "this optimizer's model was made private again (or unpatched) since: step the "
+                "optimizer that the latest make_private returned. Parameters not updated.")
+        if optimizer.max_grad_norm != self.clip_total:
+            raise RuntimeError(
+                f"optimizer.max_grad_norm={optimizer.max_grad_norm} but the model clips to "
+                f"{self.clip_total} (e.g. an Opacus grad-clip scheduler changed only the "
+                "optimizer's): the noise would not match the sensitivity. Parameters not "
+                "updated; call make_private again with the new max_grad_norm.")
+        self.accountant.step(optimizer.noise_multiplier, self.sample_rate, **self.step_kwargs)
+
+
+def release(module: nn.Module) -> nn.Module:
+    """Undo make_private on ``module``: vaultkern's patch and the engine's hooks. Its earlier
+    optimizers refuse to step from then on."""
+    import vaultkern as vk
+    if getattr(module, "_vaultkern", None) is not None:
+        vk.unpatch(module)
+    hooks = module._forward_pre_hooks
+    for key in [k for k, h in hooks.items() if isinstance(h, _NoteForward)]:
+        del hooks[key]
+    compat.drop_opacus_habits(module)
+    return module
+
+
+class ModelHooks:
+    """What ``make_private(wrap_model=False)`` returns instead of the model, as Opacus'
+    hooks object: keep training the module you passed (patched in place, as with
+    ``wrap_model=True``); ``cleanup()`` undoes the patch."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def cleanup(self) -> None:
+        release(self._module)
+
+
 class PrivacyEngine:
     """Creates private (module, optimizer, data_loader) and tracks ε.
 
     Args:
         accountant: "pld" (default, dp-accounting's PLD accountant), "rdp", or an
-            :class:`Accountant` (e.g. ``Accountant("pld", pld_discretization=1e-3)``).
+            :class:`Accountant` (e.g. ``Accountant("pld", pld_discretization=1e-3)``);
+            Opacus' "prv" (its default) and "gdp" are computed as "pld", with a notice.
         secure_mode: noise from the ChaCha20 generator of the compiled
             extension and Poisson sampling from ``os.urandom``; no seeds.
     """
 
     def __init__(self, *, accountant="pld", secure_mode: bool = False):
         self.accountant = accountant if isinstance(accountant, Accountant) else \
-            Accountant(accountant)
+            Accountant(accountant)  # Opacus' "prv"/"gdp": computed as "pld", with a notice
         self.secure_mode = bool(secure_mode)
         self.dataset = None
         self.dataset_size: Optional[int] = None
@@ -75,6 +132,7 @@ class PrivacyEngine:
         self.data_loader = None
         self.sample_rate: Optional[float] = None
         self.noise_multiplier: Optional[float] = None
+        self._private_modules: list = []  # modules this engine patched (make_private again)
         if not secure_mode:
             warnings.warn(
                 "PrivacyEngine(secure_mode=False): noise and sampling use seedable pseudo-random "
@@ -83,15 +141,27 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------ setup
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: float,
-                     poisson_sampling: bool = True, loss_reduction: str = "mean",
-                     max_physical_batch_size: Optional[int] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm,
+                     criterion=None, batch_first: bool = True, loss_reduction: str = "mean",
+                     poisson_sampling: bool = True, clipping: str = "flat",
+                     noise_generator: Optional[torch.Generator] = None,
+                     grad_sample_mode: str = "hooks", wrap_model: bool = True,
+                     rand_on_empty: bool = False, max_physical_batch_size: Optional[int] = None,
                      allow_non_poisson: bool = False, truncated_max_batch: Optional[int] = None,
-                     seed: Optional[int] = None, criterion=None, batch_first: bool = True,
-                     clipping: str = "flat") -> Tuple[nn.Module, DPOptimizer, object]:
-        """Return (patched module, DPOptimizer, Poisson data loader).
+                     seed: Optional[int] = None) -> tuple:
+        """Return (module, DPOptimizer, Poisson data loader); with a "ghost" grad_sample_mode
+        (module, DPOptimizer, criterion, loader), as Opacus.
 
         Args (Opacus' names and meaning, plus):
+            clipping: "flat"; "per_layer" with ``max_grad_norm`` a list of thresholds, one per
+                trainable parameter in the optimizer's order (Opacus'), or one C split as
+                C/sqrt(P); the noise is scaled to sqrt(Σ C_k²); "automatic" (C/(‖g‖+0.01)).
+            criterion: wrapped for the "ghost" modes (:class:`~vaultkern.privacy.
+                opacus_compat.PerExampleLoss`; default ``nn.CrossEntropyLoss()``).
+            grad_sample_mode: any of Opacus' (all run on vaultkern's one engine).
+            noise_generator: a torch.Generator; the seed is drawn from it.
+            wrap_model: False returns a hooks object with ``cleanup()`` in place of the
+                module (which is patched in place either way).
             max_physical_batch_size: the loader yields micro-batches of at most
                 this many rows; the optimizer steps (noise + update) only at the
                 end of each logical batch.
@@ -103,22 +173,41 @@ class PrivacyEngine:
                 (PLD accountant only).
             seed: seed of the sampler and of the noise (non-secure mode);
                 None draws one from os.urandom.
-            criterion, batch_first, clipping: accepted for Opacus compatibility;
-                only ``batch_first=True`` and ``clipping="flat"`` are supported
-                and the criterion is not wrapped (one backward pass suffices).
+
+        The same engine may make a model private again (e.g. with a new optimizer): the
+        earlier optimizer of that model then refuses to step, and every step of either
+        call is charged to the one accountant.
         """
         import vaultkern as vk
 
-        sigma, clip = validate_dp_arguments(noise_multiplier, max_grad_norm, loss_reduction)
-        if clipping != "flat":
-            raise ValueError(f"clipping={clipping!r}: vaultkern implements flat clipping only")
+        ghost = compat.check_grad_sample_mode(grad_sample_mode)
+        compat.warn_rand_on_empty(rand_on_empty)
+        if clipping not in CLIPPING:
+            hint = (" (Opacus' adaptive clipping spends privacy on the clipping bound; vaultkern "
+                    "does not implement it)" if clipping == "adaptive" else "")
+            raise ValueError(f"clipping={clipping!r}: expected one of {CLIPPING}{hint}")
+        if isinstance(max_grad_norm, (list, tuple)) and clipping != "per_layer":
+            raise ValueError("max_grad_norm is a list (one threshold per parameter): that needs "
+                             "clipping='per_layer'")
+        if isinstance(optimizer, DPOptimizer):  # as Opacus: wrap the original again
+            optimizer = optimizer.original_optimizer
+        thresholds, clip_total = compat.per_layer_thresholds(module, optimizer, max_grad_norm)
+        sigma, clip_total = validate_dp_arguments(noise_multiplier, clip_total, loss_reduction)
         if not batch_first:
-            raise ValueError("batch_first=False is not supported: the batch must be dim 0")
-        if self.secure_mode and seed is not None:
-            raise ValueError(f"seed={seed} with secure_mode=True: secure mode cannot be seeded")
-        if self.optimizer is not None:
-            raise RuntimeError("this PrivacyEngine already made a model private; "
-                               "use one PrivacyEngine per training run")
+            raise ValueError("batch_first=False is not supported: the batch must be dim 0 of "
+                             "the model's input (a recurrent layer inside may still take "
+                             "[T, B, ...], e.g. DPLSTM(batch_first=False))")
+        if self.secure_mode and (seed is not None or noise_generator is not None):
+            given = f"seed={seed}" if seed is not None else "a noise_generator"
+            raise ValueError(f"{given} with secure_mode=True: secure mode cannot be seeded")
+        if noise_generator is not None:
+            if seed is not None:
+                raise ValueError("give seed or noise_generator, not both")
+            seed = compat.seed_of(noise_generator)
+        again = getattr(module, "_vaultkern", None) is not None
+        if again and not any(m is module for m in self._private_modules):
+            raise RuntimeError("the module is already patched (vk.patch or another "
+                               "PrivacyEngine); pass the model before patching")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader)}")
         module_params = {id(p) for p in module.parameters()}
@@ -126,6 +215,13 @@ class PrivacyEngine:
             for p in group["params"]:
                 if id(p) not in module_params:
                     raise ValueError("the optimizer holds a parameter that is not in the module")
+        outside = compat.trainable_outside(module, optimizer)
+        if outside:
+            raise ValueError(
+                f"trainable parameters {outside} are not in the optimizer: vaultkern clips the "
+                "gradient of every trainable parameter (Opacus only the optimizer's), and theirs "
+                "would get no noise. Freeze them (requires_grad_(False)) or add them.")
+        ModuleValidator.validate(module, strict=True)
         if truncated_max_batch is not None and not poisson_sampling:
             raise ValueError("truncated_max_batch needs poisson_sampling=True")
 
@@ -150,10 +246,12 @@ class PrivacyEngine:
 
         if seed is None and not self.secure_mode:
             seed = shared_random_seed()
+        if again:
+            release(module)
         # empty Poisson batches go through the user's loop unchanged (noise-only steps)
-        module = vk.patch(module, max_grad_norm=clip, loss_reduction=loss_reduction,
-                          allow_empty_batch=True)
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip,
+        module = vk.patch(module, max_grad_norm=thresholds, loss_reduction=loss_reduction,
+                          clipping=clipping, allow_empty_batch=True)
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip_total,
                                    expected_batch_size=expected_batch,
                                    loss_reduction=loss_reduction, secure_mode=self.secure_mode,
                                    seed=seed)
@@ -169,30 +267,30 @@ class PrivacyEngine:
         else:
             loader = data_loader
 
-        accountant = self.accountant
-
-        def record_step(opt: DPOptimizer) -> None:
-            if truncated_max_batch is None:
-                accountant.step(opt.noise_multiplier, sample_rate)
-            else:
-                accountant.step(opt.noise_multiplier, sample_rate,
-                                truncated_max_batch=truncated_max_batch,
-                                dataset_size=dataset_size)
+        step_kwargs = ({} if truncated_max_batch is None else
+                       {"truncated_max_batch": truncated_max_batch, "dataset_size": dataset_size})
         if truncated_max_batch is not None:  # fail now, not at the first step
-            Accountant(accountant.kind).step(sigma, sample_rate, 0, truncated_max_batch,
-                                             dataset_size)
-        dp_optimizer.attach_step_hook(record_step)
+            Accountant(self.accountant.kind).step(sigma, sample_rate, 0, **step_kwargs)
+        dp_optimizer.attach_step_hook(
+            _RecordStep(self.accountant, sample_rate, step_kwargs, module, clip_total))
 
         if max_physical_batch_size is not None:
             loader = MicroBatchLoader(loader, max_physical_batch_size, dp_optimizer)
         else:
             loader = StepCheckedLoader(loader, dp_optimizer)
         module.register_forward_pre_hook(_NoteForward(dp_optimizer))
+        compat.adopt_opacus_habits(module)
+        if not any(m is module for m in self._private_modules):
+            self._private_modules.append(module)
 
         self.dataset, self.dataset_size = data_loader.dataset, dataset_size
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
         self.sample_rate, self.noise_multiplier = sample_rate, sigma
-        return module, dp_optimizer, loader
+        returned = module if wrap_model else ModelHooks(module)
+        if ghost:
+            criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+            return returned, dp_optimizer, compat.PerExampleLoss(criterion, loss_reduction), loader
+        return returned, dp_optimizer, loader
 
     def make_private_with_epsilon(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                                   data_loader: DataLoader, target_epsilon: float,
@@ -230,12 +328,35 @@ class PrivacyEngine:
                 "random example in full meets this delta; use delta << 1/N", UserWarning,
                 stacklevel=3)
 
-    def get_epsilon(self, delta: float) -> float:
-        """ε of the steps taken so far, at this δ."""
+    def get_epsilon(self, delta: float, **kwargs) -> float:
+        """ε of the steps taken so far, at this δ (``kwargs``: :meth:`Accountant.get_epsilon`'s,
+        e.g. Opacus' ``eps_error``)."""
         self._warn_delta(delta, self.dataset_size)
-        return self.accountant.get_epsilon(delta)
+        return self.accountant.get_epsilon(delta, **kwargs)
+
+    # ------------------------------------------------------------- validation
+    def is_compatible(self, *, module: nn.Module, optimizer=None, data_loader=None) -> bool:
+        return ModuleValidator.is_valid(module)
+
+    def validate(self, *, module: nn.Module, optimizer=None, data_loader=None) -> None:
+        ModuleValidator.validate(module, strict=True)
+
+    @classmethod
+    def get_compatible_module(cls, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` with BatchNorm -> GroupNorm, running statistics off, and
+        nn.LSTM/GRU/RNN -> opacus.layers' DP versions; raises if anything is left."""
+        return ModuleValidator.fix_and_validate(module)
 
     # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, **kwargs) -> None:
+        """Opacus' ``save_checkpoint`` (its keys and keywords), plus the sampler position."""
+        compat.save_checkpoint(self, path=path, module=module, optimizer=optimizer, **kwargs)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, **kwargs) -> dict:
+        """Opacus' ``load_checkpoint``; also reads checkpoints Opacus wrote."""
+        return compat.load_checkpoint(self, path=path, module=module, optimizer=optimizer,
+                                      **kwargs)
+
     def state_dict(self) -> dict:
         """Accountant history, DPOptimizer state (wrapped optimizer + step/seed)
         and the Poisson sampler's position and generator state."""
