@@ -11,6 +11,7 @@ COMMANDS = {
     "info": ("vaultkern.info", "versions and available backends"),
     "plan": ("vaultkern.privacy.plan", "noise multiplier and epsilon for a training plan"),
     "train": ("vaultkern.run.cli", "DP training of the reference decoder"),
+    "finetune": ("vaultkern.run.finetune", "DP fine-tuning of a local Hugging Face model"),
     "audit": ("vaultkern.audit", "privacy audit of a training run"),
     "generate": ("vaultkern.generate", "sample text from a trained run"),
     "bench": ("vaultkern.benchmark", "benchmark against Opacus and non-private training"),

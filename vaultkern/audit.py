@@ -1,6 +1,12 @@
 """Empirical privacy audit of a training run: ``python -m vaultkern audit RUN_DIR``.
 
-Four measurements, all on the run's own packed data (data.pt):
+Two kinds of run are audited, through one code path: the reference run of
+``python -m vaultkern train`` (model.pt) and the output of ``python -m vaultkern finetune``
+(a Hugging Face model in OUT/model). :func:`load_subject` reads either as the same three
+things: the model as a function of token ids to logits, its tokenizer, and the run's own
+packed data (data.pt: training and held-out rows, planted canaries).
+
+Four measurements:
 
 * held-out perplexity — utility, on documents never trained on;
 * memorisation (as in VaultGemma's test) — take the first P tokens of a
@@ -9,8 +15,8 @@ Four measurements, all on the run's own packed data (data.pt):
   otherwise P = S = (T + 1) // 2. The same rate on held-out sequences is the
   baseline of what templated text lets any model predict;
 * canary exposure (Carlini et al., "The Secret Sharer", 2019) — for each
-  planted canary, rank the log-perplexity of its true secret among K random
-  secrets of the same format after the same prefix:
+  planted canary, rank the log-perplexity of its true text (prefix + secret) among
+  K texts with random secrets of the same format, tokenized whole as in training:
   exposure = log2(K + 1) − log2(rank), rank 1 = the true secret is the most
   likely (tied scores share the middle rank); a secret the model never saw
   has exposure about 1 on average;
@@ -31,14 +37,39 @@ import math
 import os
 import sys
 from collections import defaultdict
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from vaultkern.data import ByteTokenizer, PackedCorpus, candidate_secrets, inputs_and_targets
 from vaultkern.models import IGNORE_INDEX, per_sequence_loss
 
-tokenizer = ByteTokenizer()
+tokenizer = ByteTokenizer()  # the reference run's; a finetune run may bring its model's own
+
+
+@dataclass
+class Subject:
+    """What the audit reads from a run, whatever trained it."""
+    model: nn.Module   # token ids [B, T] -> logits [B, T, V]; config.seq_len = T of the rows
+    tokenizer: object  # encode(text, bos) / decode(ids) / PAD, as ByteTokenizer
+    data: PackedCorpus
+    card_dir: str      # where the run's public model card is
+
+
+def load_subject(run_dir: str, device) -> Subject:
+    """A reference run directory (model.pt) or a finetune output directory (OUT/model)."""
+    from vaultkern.run.hfdir import RELEASE_DIR, is_finetune_dir, load_for_audit
+    from vaultkern.run.rundir import DATA_FILE, load_model
+    data_path = os.path.join(run_dir, DATA_FILE)
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"{data_path!r} not found: is {run_dir!r} a directory written by "
+                                "`python -m vaultkern train` or `finetune`?")
+    if is_finetune_dir(run_dir):
+        model, tok, data = load_for_audit(run_dir, device)
+        return Subject(model, tok, data, os.path.join(run_dir, RELEASE_DIR))
+    return Subject(load_model(run_dir, device), tokenizer, PackedCorpus.load(data_path), run_dir)
 
 
 def _batches(n: int, size: int, quiet: bool = True, desc: str = ""):
@@ -51,11 +82,12 @@ def _batches(n: int, size: int, quiet: bool = True, desc: str = ""):
 
 
 @torch.no_grad()
-def sequence_losses(model, rows: torch.Tensor, device, batch_size: int = 64):
+def sequence_losses(model, rows: torch.Tensor, device, batch_size: int = 64,
+                    pad_id: int = ByteTokenizer.PAD):
     """Per row: (sum of token cross-entropies [N], number of scored tokens [N])."""
     totals, counts = [], []
     for sl in _batches(len(rows), batch_size):
-        inputs, targets = inputs_and_targets(rows[sl])
+        inputs, targets = inputs_and_targets(rows[sl], pad_id)
         inputs, targets = inputs.to(device), targets.to(device)
         totals.append(per_sequence_loss(model(inputs), targets).cpu())
         counts.append((targets != IGNORE_INDEX).sum(1).cpu())
@@ -85,18 +117,20 @@ def memorization_lengths(seq_len: int):
     return half, half
 
 
-def _eligible(rows: torch.Tensor, length: int, limit: int, seed: int) -> torch.Tensor:
+def _eligible(rows: torch.Tensor, length: int, limit: int, seed: int,
+              pad_id: int = ByteTokenizer.PAD) -> torch.Tensor:
     """Up to ``limit`` rows (seeded choice) with no padding in their first ``length`` tokens."""
-    full = rows[(rows[:, :length] != tokenizer.PAD).all(1)]
+    full = rows[(rows[:, :length] != pad_id).all(1)]
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     return full[order[:limit]]
 
 
-def memorization(model, train_rows, heldout_rows, device, num_samples: int = 256, seed: int = 0) -> dict:
+def memorization(model, train_rows, heldout_rows, device, num_samples: int = 256, seed: int = 0,
+                 pad_id: int = ByteTokenizer.PAD) -> dict:
     prefix_len, suffix_len = memorization_lengths(model.config.seq_len)
     result = {"prefix_len": prefix_len, "suffix_len": suffix_len}
     for name, rows in (("train", train_rows), ("heldout", heldout_rows)):
-        sample = _eligible(rows, prefix_len + suffix_len, num_samples, seed)
+        sample = _eligible(rows, prefix_len + suffix_len, num_samples, seed, pad_id)
         if len(sample) == 0:
             result.update({f"{name}_exact_match_rate": None, f"{name}_token_match_rate": None,
                            f"num_{name}": 0})
@@ -109,34 +143,53 @@ def memorization(model, train_rows, heldout_rows, device, num_samples: int = 256
     return result
 
 
+def encode_candidates(prefix: str, secrets: Sequence[str],
+                      tok=tokenizer) -> Tuple[List[List[int]], int]:
+    """(BOS + tokens of prefix + secret for each secret, how many leading tokens all share).
+
+    Each text is tokenized whole, as it was in training: a subword tokenizer may merge
+    across the prefix/secret boundary and give secrets different lengths."""
+    seqs = [tok.encode(prefix + s, bos=True) for s in secrets]
+    shared = 0
+    while all(len(s) > shared and s[shared] == seqs[0][shared] for s in seqs):
+        shared += 1
+    return seqs, shared
+
+
 @torch.no_grad()
-def secret_log_perplexities(model, prefix: str, secrets: List[str], device,
-                            batch_size: int = 256) -> torch.Tensor:
-    """Σ of token NLLs of each secret after BOS + prefix (all secrets have one format)."""
-    prefix_ids = tokenizer.encode(prefix, bos=True)
-    seqs = torch.tensor([prefix_ids + tokenizer.encode(s) for s in secrets])
-    seqs = seqs[:, -(model.config.seq_len + 1):]  # keep the secret; drop prefix tokens if too long
-    secret_len = len(tokenizer.encode(secrets[0]))
+def candidate_log_perplexities(model, seqs: List[List[int]], shared: int, device,
+                               pad_id: int = ByteTokenizer.PAD,
+                               batch_size: int = 256) -> torch.Tensor:
+    """Σ of token NLLs of each sequence after its first ``shared`` tokens. Those score the
+    same for every candidate, so the ranking is that of the whole text's likelihood."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    drop = max(0, width - (model.config.seq_len + 1))  # too long: drop prefix tokens, keep secrets
+    ids = ids[:, drop:]
     out = []
-    for sl in _batches(len(seqs), batch_size):
-        inputs, targets = seqs[sl, :-1].to(device), seqs[sl, 1:].clone().to(device)
-        targets[:, :-secret_len] = IGNORE_INDEX  # score the secret's tokens only
-        out.append(per_sequence_loss(model(inputs), targets).cpu())
+    for sl in _batches(len(ids), batch_size):
+        inputs, targets = inputs_and_targets(ids[sl], pad_id)
+        targets[:, :max(0, shared - 1 - drop)] = IGNORE_INDEX  # target j is token j + 1 + drop
+        out.append(per_sequence_loss(model(inputs.to(device)), targets.to(device)).cpu())
     return torch.cat(out)
 
 
-def canary_exposure(model, canaries, device, num_candidates: int = 999, seed: int = 0) -> List[dict]:
+def canary_exposure(model, canaries, device, num_candidates: int = 999, seed: int = 0,
+                    tok=tokenizer) -> List[dict]:
     results = []
     for index, canary in enumerate(canaries):
         secrets = [canary.secret] + candidate_secrets(canary, num_candidates, seed)
-        scores = secret_log_perplexities(model, canary.prefix, secrets, device)
+        seqs, shared = encode_candidates(canary.prefix, secrets, tok)
+        scores = candidate_log_perplexities(model, seqs, shared, device, tok.PAD)
         # ties share their ranks (mid-rank), so a model that cannot tell secrets apart gets ~1
         rank = 1 + float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
-        prefix_ids = torch.tensor([tokenizer.encode(canary.prefix, bos=True)])
-        greedy = greedy_continue(model, prefix_ids, len(canary.secret.encode("utf-8")), device)
+        true = seqs[0]
+        greedy = greedy_continue(model, torch.tensor([true[:shared]]), len(true) - shared, device)
         results.append({"canary": index, "repetitions": canary.repetitions, "rank": rank,
                         "exposure": math.log2(len(secrets)) - math.log2(rank),
-                        "extracted": tokenizer.decode(greedy[0]) == canary.secret})
+                        "extracted": greedy[0].tolist() == true[shared:]})
     return results
 
 
@@ -151,22 +204,26 @@ def membership_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) 
 
 def audit_model(model, data: PackedCorpus, device, num_candidates: int = 999,
                 max_sequences: int = 1000, memorization_samples: int = 256, seed: int = 0,
-                quiet: bool = True) -> dict:
+                quiet: bool = True, tok=tokenizer) -> dict:
     model.eval()
+    pad = tok.PAD
     step = (lambda msg: None) if quiet else (lambda msg: print(f"audit: {msg}", file=sys.stderr))
     step("held-out perplexity and membership inference")
-    members = _eligible(data.train_rows, 2, max_sequences, seed)
-    nonmembers = _eligible(data.heldout_rows, 2, max_sequences, seed)
-    all_heldout_total, all_heldout_tokens = sequence_losses(model, data.heldout_rows, device)
+    members = _eligible(data.train_rows, 2, max_sequences, seed, pad)
+    nonmembers = _eligible(data.heldout_rows, 2, max_sequences, seed, pad)
+    all_heldout_total, all_heldout_tokens = sequence_losses(model, data.heldout_rows, device,
+                                                            pad_id=pad)
     heldout_loss = (float(all_heldout_total.sum() / all_heldout_tokens.sum())
                     if len(all_heldout_total) else None)
-    m_total, m_tokens = sequence_losses(model, members, device)
-    n_total, n_tokens = sequence_losses(model, nonmembers, device)
+    m_total, m_tokens = sequence_losses(model, members, device, pad_id=pad)
+    n_total, n_tokens = sequence_losses(model, nonmembers, device, pad_id=pad)
     member_loss, nonmember_loss = m_total / m_tokens, n_total / n_tokens
     step("memorisation (greedy continuation of training prefixes)")
-    mem = memorization(model, data.train_rows, data.heldout_rows, device, memorization_samples, seed)
+    mem = memorization(model, data.train_rows, data.heldout_rows, device, memorization_samples,
+                       seed, pad)
     step(f"canary exposure ({len(data.canaries)} canaries × {num_candidates + 1} candidates)")
-    canaries = canary_exposure(model, data.canaries, device, num_candidates, seed) if data.canaries else []
+    canaries = (canary_exposure(model, data.canaries, device, num_candidates, seed, tok)
+                if data.canaries else [])
     by_reps: Dict[str, dict] = {}
     grouped = defaultdict(list)
     for c in canaries:
@@ -203,16 +260,12 @@ def audit_run(run_dir: str, device: str = "auto", num_candidates: int = 999, max
               memorization_samples: int = 256, seed: int = 0, quiet: bool = False) -> dict:
     """Audit the run in ``run_dir``; the results go to its private report (section "audit")."""
     from vaultkern.model_card import read_model_card, update_private_report
-    from vaultkern.run.rundir import DATA_FILE, load_model, resolve_device
+    from vaultkern.run.rundir import resolve_device
     device = resolve_device(device)
-    data_path = os.path.join(run_dir, DATA_FILE)
-    if not os.path.exists(data_path):
-        raise FileNotFoundError(f"{data_path!r} not found: is {run_dir!r} a training run directory?")
-    model = load_model(run_dir, device)
-    data = PackedCorpus.load(data_path)
-    result = audit_model(model, data, device, num_candidates, max_sequences, memorization_samples,
-                         seed, quiet)
-    card = read_model_card(run_dir)  # the public guarantee, to label the results
+    subject = load_subject(run_dir, device)
+    result = audit_model(subject.model, subject.data, device, num_candidates, max_sequences,
+                         memorization_samples, seed, quiet, subject.tokenizer)
+    card = read_model_card(subject.card_dir)  # the public guarantee, to label the results
     if card is not None:
         result["differentially_private"] = card["privacy"]["differentially_private"]
         result["epsilon"] = card["privacy"].get("epsilon")
@@ -265,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "data: they go to RUN_DIR/private_report.json (do not publish it), not to the "
                     "model card.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", help="run directory written by `python -m vaultkern train`")
+    p.add_argument("run_dir", help="directory written by `python -m vaultkern train` or `finetune`")
     p.add_argument("--candidates", type=int, default=999,
                    help="random secrets each canary is ranked against (at least 100)")
     p.add_argument("--max-sequences", type=int, default=1000,

@@ -108,6 +108,40 @@ def render_markdown(card: dict) -> str:
     return "\n".join(out)
 
 
+def document_level(k: int, epsilon: Optional[float], delta: float, steps: int,
+                   truncated: bool = False) -> dict:
+    """The card's document-level entry: ε for a group of k rows (budget.document_epsilon)."""
+    return {"k": k, "epsilon": epsilon, "delta": delta, "derivation": (
+        "not derived for truncated Poisson sampling" if truncated else
+        f"derived number, not the accounted guarantee: ε for any group of k = {k} "
+        "sequences, from the mixture-of-Gaussians dominating pair for groups under "
+        "Poisson sampling (Ganesh 2024, arXiv:2401.10294), composed over the "
+        f"{steps} steps by dp-accounting's PLD accountant. k is computed from "
+        "the training data and is not itself protected.")}
+
+
+def row_privacy_unit(seq_len: int, k: int) -> str:
+    return (f"one sequence of {seq_len} tokens; a document spans at most {k} sequences, so "
+            f"a document-level guarantee follows by group privacy with k = {k}")
+
+
+def canaries_note(canaries) -> str:
+    return (f"{len(canaries)} canaries, repetitions {sorted({c.repetitions for c in canaries})}"
+            if canaries else "none")
+
+
+def packing_note(seq_len: int) -> str:
+    T = seq_len
+    return (f"each document (BOS text EOS) gets rows of its own: row j holds its tokens "
+            f"[{T}j, {T}j + {T + 1}), the last row padded (ignored); documents are never packed "
+            "together")
+
+
+def split_note(heldout_fraction: float) -> str:
+    return ("a document is held out when a hash of (seed, its text) falls below the held-out "
+            f"fraction {heldout_fraction}")
+
+
 def _privacy_section(args, plan: dict, run: dict, data) -> dict:
     """The card's privacy entries of a DP run (see training_card)."""
     T, k = data.seq_len, data.max_rows_per_document
@@ -128,19 +162,10 @@ def _privacy_section(args, plan: dict, run: dict, data) -> dict:
     return {
         "differentially_private": True, "formal_guarantee": not caveats, "caveats": caveats,
         "epsilon": run["epsilon"], "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
-        "privacy_unit": (f"one sequence of {T} tokens; a document spans at most {k} sequences, so "
-                         f"a document-level guarantee follows by group privacy with k = {k}"),
+        "privacy_unit": row_privacy_unit(T, k),
         "neighbouring_datasets": "add or remove one sequence",
-        "document_level": {
-            "k": k, "epsilon": run["document_epsilon"], "delta": plan["delta"],
-            "derivation": (
-                "not derived for truncated Poisson sampling" if cap is not None else
-                f"derived number, not the accounted guarantee: ε for any group of k = {k} "
-                "sequences, from the mixture-of-Gaussians dominating pair for groups under "
-                "Poisson sampling (Ganesh 2024, arXiv:2401.10294), composed over the "
-                f"{run['steps']} steps by dp-accounting's PLD accountant. k is computed from "
-                "the training data and is not itself protected."),
-        },
+        "document_level": document_level(k, run["document_epsilon"], plan["delta"], run["steps"],
+                                         truncated=cap is not None),
         "dataset_size": plan["num_train"],
         "dataset_size_note": "N, the number of training sequences, sets q = B̄/N and is treated as "
                              "public (it is not protected by the guarantee)",
@@ -166,9 +191,6 @@ def training_card(args, cfg, num_parameters: int, data, plan: dict, run: dict) -
 
     ``args``: the train command's options; ``plan``: its Plan as a dict; ``data``: its
     PackedCorpus; ``run``: status, steps (done), epsilon, document_epsilon, resumes, device."""
-    canaries = data.canaries
-    canary_summary = (f"{len(canaries)} canaries, repetitions "
-                      f"{sorted({c.repetitions for c in canaries})}" if canaries else "none")
     T = cfg.seq_len
     not_private = {"differentially_private": False, "formal_guarantee": False,
                    "privacy_unit": "none", "caveats": ["trained without DP (--no-dp)"]}
@@ -180,12 +202,8 @@ def training_card(args, cfg, num_parameters: int, data, plan: dict, run: dict) -
         "data": {"description": data.description, "tokenizer": "bytes (256) + BOS, EOS, PAD",
                  "seq_len": T, "train_sequences": len(data.train_rows),
                  "max_sequences_per_document": data.max_rows_per_document,
-                 "canaries_summary": canary_summary,
-                 "packing": (f"each document (BOS text EOS) gets rows of its own: row j holds its "
-                             f"tokens [{T}j, {T}j + {T + 1}), the last row padded (ignored); "
-                             "documents are never packed together"),
-                 "split": ("a document is held out when a hash of (seed, its text) falls below "
-                           f"the held-out fraction {args.heldout_fraction}")},
+                 "canaries_summary": canaries_note(data.canaries),
+                 "packing": packing_note(T), "split": split_note(args.heldout_fraction)},
         "privacy": _privacy_section(args, plan, run, data) if plan["dp"] else not_private,
         "training": {"optimizer": "AdamW (betas 0.9, 0.95), warm-up + cosine", "lr": args.lr,
                      "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,

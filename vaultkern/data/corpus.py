@@ -29,6 +29,7 @@ import torch
 
 from vaultkern.data.packing import pack_documents
 from vaultkern.data.synthetic import Canary, make_canaries, plant_canaries, synthetic_records
+from vaultkern.data.tokenizer import ByteTokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -133,9 +134,10 @@ class PackedCorpus:
     private_description: str = ""
 
     @classmethod
-    def from_corpus(cls, corpus: Corpus, seq_len: int) -> "PackedCorpus":
-        train_rows, per_document = pack_documents(corpus.train_documents, seq_len)
-        heldout_rows, _ = pack_documents(corpus.heldout_documents, seq_len)
+    def from_corpus(cls, corpus: Corpus, seq_len: int,
+                    tokenizer: ByteTokenizer = ByteTokenizer()) -> "PackedCorpus":
+        train_rows, per_document = pack_documents(corpus.train_documents, seq_len, tokenizer)
+        heldout_rows, _ = pack_documents(corpus.heldout_documents, seq_len, tokenizer)
         return cls(train_rows, heldout_rows, list(corpus.canaries), corpus.description, seq_len,
                    max(per_document, default=0), len(corpus.train_documents),
                    len(corpus.heldout_documents), corpus.private_description)

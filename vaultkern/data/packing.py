@@ -1,9 +1,9 @@
 """Packing documents into training rows, one document per row group.
 
-A document becomes ``BOS bytes EOS`` (L tokens) and gets rows of its own: row j
-holds its tokens [j·T, j·T + T + 1), so consecutive rows of a document share one
-token and every token after BOS is predicted exactly once; the last row is
-padded with PAD, whose targets are ignored. Documents are never packed
+A document becomes ``BOS tokens EOS`` (L tokens; bytes with the byte tokenizer) and
+gets rows of its own: row j holds its tokens [j·T, j·T + T + 1), so consecutive rows
+of a document share one token and every token after BOS is predicted exactly once;
+the last row is padded with PAD, whose targets are ignored. Documents are never packed
 together. That is what makes the privacy unit mean something: adding or
 removing one document adds or removes exactly its own ⌈(L − 1)/T⌉ rows and
 leaves every other row as it was (with concatenate-and-cut packing one short
@@ -27,16 +27,15 @@ from vaultkern.models.decoder import IGNORE_INDEX
 
 
 def document_tokens(document: str, tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
-    """``BOS bytes EOS`` as int64."""
-    body = np.frombuffer(document.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    return np.concatenate([[tokenizer.BOS], body, [tokenizer.EOS]]).astype(np.int64)
+    """``BOS tokens EOS`` as int64 (any tokenizer with the byte tokenizer's ``encode``)."""
+    return np.asarray(tokenizer.encode(document, bos=True, eos=True), dtype=np.int64)
 
 
 def rows_of_document(document: str, seq_len: int,
                      tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
-    """The rows [⌈(L − 1)/T⌉, T + 1] of one document (L >= 2 tokens, so at least one row)."""
+    """The rows [⌈(L − 1)/T⌉, T + 1] of one document (none if it has fewer than 2 tokens)."""
     tokens = document_tokens(document, tokenizer)
-    num_rows = -(-(len(tokens) - 1) // seq_len)
+    num_rows = max(0, -(-(len(tokens) - 1) // seq_len))
     rows = np.full((num_rows, seq_len + 1), tokenizer.PAD, dtype=np.int64)
     for j in range(num_rows):
         piece = tokens[j * seq_len: j * seq_len + seq_len + 1]

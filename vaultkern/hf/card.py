@@ -5,24 +5,39 @@ import json
 import os
 
 from vaultkern._version import __version__
-from vaultkern.model_card import CARD_JSON, CARD_MD, NO_FORMAL_GUARANTEE, _table, _write_text
+from vaultkern.model_card import (CARD_JSON, CARD_MD, NO_FORMAL_GUARANTEE, _table, _write_text,
+                                  document_level, row_privacy_unit)
+
+
+def _document_level(trainer, steps: int, k: int) -> dict:
+    """ε for one document of at most k rows, derived as the reference run derives it."""
+    from vaultkern.run.budget import Plan, document_epsilon
+    dp = trainer.dp
+    plan = Plan(True, dp.dataset_size, dp.expected_batch_size, steps, steps, dp.sample_rate,
+                dp.noise_multiplier, trainer.dp_target_epsilon, trainer.dp_delta,
+                dp.truncated_max_batch)
+    return document_level(k, document_epsilon(plan, steps, k), trainer.dp_delta, steps,
+                          truncated=dp.truncated_max_batch is not None)
 
 
 def trainer_card(trainer) -> dict:
     dp, args = trainer.dp, trainer.args
     steps = len(dp.accountant) and dp.accountant.total_steps
+    data = dict(trainer.dp_card_data)
+    k = data.get("max_rows_per_document")
     caveats = [] if dp.formal_guarantee else [
         "the noise and the Poisson sampling were seeded (dp_seed): whoever knows the seed can "
         "remove the noise."]
     config = getattr(trainer.model, "config", None)
-    return {
+    card = {
         "name": getattr(config, "name_or_path", None) or type(trainer.model).__name__,
         "vaultkern_version": __version__,
         "privacy": {
             "differentially_private": True, "formal_guarantee": dp.formal_guarantee,
             "caveats": caveats, "epsilon": trainer.get_epsilon(), "delta": trainer.dp_delta,
             "target_epsilon": trainer.dp_target_epsilon,
-            "privacy_unit": "one training example (one row of the training dataset)",
+            "privacy_unit": (row_privacy_unit(data["seq_len"], k) if k else
+                             "one training example (one row of the training dataset)"),
             "max_grad_norm": dp.max_grad_norm, "noise_multiplier": dp.noise_multiplier,
             "sample_rate": dp.sample_rate, "expected_batch_size": dp.expected_batch_size,
             "dataset_size": dp.dataset_size, "dataset_size_note": "N is treated as public",
@@ -36,29 +51,46 @@ def trainer_card(trainer) -> dict:
             "physical_batch_size": trainer.dp_physical_batch, "steps_done": trainer.state.global_step,
             "steps_planned": trainer.dp_budget_steps, "bf16": bool(args.bf16),
             "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
+                                        if p.requires_grad),
         },
     }
+    if k:
+        card["privacy"]["document_level"] = _document_level(trainer, steps, k)
+    if data:
+        card["data"] = data
+    return card
 
 
 def render(card: dict) -> str:
     p, t = card["privacy"], card["training"]
+    doc = p.get("document_level")
     out = [f"# Model card: {card['name']}", "",
            f"Fine-tuned with DP-SGD by vaultkern {card['vaultkern_version']} (`DPTrainer`): "
            f"**(ε = {p['epsilon']:.3g}, δ = {p['delta']:.3g})-DP** with respect to "
            f"**{p['privacy_unit']}** (add/remove one example).", ""]
     if not p["formal_guarantee"]:
         out += [f"**{NO_FORMAL_GUARANTEE}:** " + " ".join(p["caveats"]), ""]
-    out += ["## Privacy", ""] + _table([
-        ("ε (epsilon)", p["epsilon"]), ("δ (delta)", p["delta"]), ("target ε", p["target_epsilon"]),
-        ("privacy unit", p["privacy_unit"]), ("clipping bound C", p["max_grad_norm"]),
+    rows = [("ε (epsilon)", p["epsilon"]), ("δ (delta)", p["delta"]),
+            ("target ε", p["target_epsilon"]), ("privacy unit", p["privacy_unit"])]
+    if doc:
+        rows.append(("derived: ε for one document (group of k rows, same δ)", doc["epsilon"]))
+    rows += [
+        ("clipping bound C", p["max_grad_norm"]),
         ("noise multiplier σ (noise std σ·C)", p["noise_multiplier"]), ("sampling", p["sampling"]),
         ("sample rate q = B̄/N", p["sample_rate"]), ("expected batch size B̄", p["expected_batch_size"]),
         ("N (training examples; treated as public)", p["dataset_size"]),
         ("steps accounted", p["steps"]), ("accountant", p["accountant"]),
-        ("noise and sampling randomness", p["randomness"])])
+        ("noise and sampling randomness", p["randomness"])]
+    out += ["## Privacy", ""] + _table(rows)
+    if doc:
+        out += ["", f"Document level: {doc['derivation']}"]
     out += ["", "The guarantee covers the weights and this card only: not the Trainer's logs "
             "(training losses), its checkpoints, or anything computed on the training data "
-            "without noise.", "", "## Training", ""] + _table(list(t.items()))
+            "without noise.", ""]
+    if "data" in card:
+        out += ["## Data", ""] + _table(list(card["data"].items())) + [""]
+    out += ["## Training", ""] + _table(list(t.items()))
     return "\n".join(out) + "\n"
 
 

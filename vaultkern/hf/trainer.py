@@ -73,8 +73,11 @@ class DPTrainer(Trainer):
     def __init__(self, *args, target_epsilon: Optional[float] = None,
                  target_delta: Optional[float] = None, noise_multiplier: Optional[float] = None,
                  max_grad_norm: float = 1.0, dp_seed: Optional[int] = None,
-                 accountant: str = "pld", **kwargs):
+                 accountant: str = "pld", card_data: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # public facts about the data for the card; with seq_len and max_rows_per_document
+        # (k: the most rows one document spans) it states the row unit and a document-level ε
+        self.dp_card_data = dict(card_data or {})
         targs = self.args
         if targs.world_size > 1:
             raise NotImplementedError(
