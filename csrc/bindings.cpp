@@ -60,12 +60,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("secure_noisy_scale", &secure_noisy_scale,
         "(summed + std·ξ)·scale with ξ from ChaCha20(key, nonce)",
         py::arg("summed"), py::arg("std"), py::arg("scale"), py::arg("key"), py::arg("nonce"));
-  // Kept out of the dispatch ("_" name): ChaCha20 + Box–Muller (4 normals per
-  // sample) is ~20x slower than torch.randn's generator on CPU, see
-  // bench/cpu_kernels.py; the torch reference stays the reproducible path.
-  m.def("_noisy_scale", &noisy_scale,
-        "(summed + std·ξ)·scale, ξ[j] = sample offset+j of the stream keyed by (seed, step)",
-        py::arg("summed"), py::arg("std"), py::arg("scale"), py::arg("seed"), py::arg("step"),
+  // The reproducible DP noise of every path (DPOptimizer without secure_mode): the
+  // same ChaCha20 sampler as secure_noisy_scale, keyed by a 256-bit master key.
+  m.def("noisy_scale", &noisy_scale,
+        "(summed + std·ξ)·scale, ξ[j] = sample offset+j of the stream of (master key, step)",
+        py::arg("summed"), py::arg("std"), py::arg("scale"), py::arg("key"), py::arg("step"),
         py::arg("offset") = 0);
 
   m.def("build_info", [] {

@@ -79,10 +79,11 @@ VK_HD void block_at(const Key& key, const Nonce& nonce, uint64_t index, uint32_t
 //
 // One 64-byte block = 8 little-endian 64-bit words. Each word gives a uniform
 // double from its top 53 bits (the full precision of a double mantissa). Two
-// uniforms give two independent N(0,1) by Box–Muller:
-//     r = sqrt(-2 ln u1),  θ = 2π u2,   z1 = r cos θ,  z2 = r sin θ
+// uniforms give one Box–Muller pair (r, θ):
+//     r = sqrt(-2 ln u1),  θ = 2π u2,   r cos θ and r sin θ independent N(0,1)
 // with u1 = (k1 + 1)/2^53 ∈ (0, 1] (never 0, so ln u1 is finite) and
-// u2 = k2/2^53 ∈ [0, 1); both are exact in double.
+// u2 = k2/2^53 ∈ [0, 1); both are exact in double. So one block holds four
+// independent pairs (r_p, θ_p), p = 0..3.
 //
 // Mitigation against floating-point attacks. A sampler that computes a
 // Gaussian in floating point does not produce a continuous distribution: its
@@ -93,23 +94,30 @@ VK_HD void block_at(const Key& key, const Nonce& nonce, uint64_t index, uint32_t
 // released float alone which of two neighbouring inputs produced it, which
 // breaks the DP guarantee no matter how large σ is (Mironov 2012 showed this
 // for the Laplace mechanism; the same holds for textbook Gaussian samplers).
-// We therefore release the sum of k = 4 independent Box–Muller normals scaled
-// by 1/sqrt(k) = 1/2: the variance is again 1, but the value is a sum of
-// independent draws, so it can land on vastly more floating-point numbers and
-// the grid structure of any single draw is smoothed out; 1/2 is a power of
-// two, so the rescaling itself adds no rounding. The work is done in double
-// for every output dtype and rounded once at the end.
+// We therefore release the sum of k = 4 independent normals scaled by
+// 1/sqrt(k) = 1/2, each from its own pair (r_p, θ_p):
+//     sample 2b     = ½ Σ_p r_p cos θ_p,     sample 2b + 1 = ½ Σ_p r_p sin θ_p
+// Each sample thus has four independent radii and angles (summing r cos θ and
+// r sin θ of one pair would be √2·r·cos(θ − π/4), one draw in disguise), and
+// the two samples of a block are independent because cos and sin of a
+// Box–Muller pair are. The variance is again 1, the value can land on vastly
+// more floating-point numbers and the grid of any single draw is smoothed out;
+// 1/2 is a power of two, so the rescaling adds no rounding. The work is done in
+// double for every output dtype and rounded once at the end.
 //
-// Layout: sample j of a stream starting at block `first` uses block
-// first + j / 2; samples 2b and 2b+1 take words 0..7 and 8..15 of that block
-// (four 64-bit words -> four uniforms -> two Box–Muller pairs -> the four
-// normals of one sample). So sample j depends only on
-// (key, nonce, first + j/2, j mod 2): splitting a request into pieces, or
-// launching it with any grid, gives the same numbers.
+// Tails: r ≤ sqrt(2·53·ln 2) ≈ 8.57, so |ξ| ≤ 2·8.57 ≈ 17.1; a standard
+// normal exceeds 17 with probability ≈ 1e-64, so the truncation is far beyond
+// any δ in use (per coordinate, the mass a shift by the sensitivity moves out
+// of the support is below the normal density at ≈ 16, ≈ 1e-56).
+//
+// Layout: sample j of a stream starting at block `first` is slot j mod 2 of
+// block first + j / 2. So sample j depends only on (key, nonce, first + j/2,
+// j mod 2): splitting a request into pieces, or launching it with any grid,
+// gives the same numbers.
 // ---------------------------------------------------------------------------
 
 constexpr int kNormalsPerSample = 4;   // k above
-constexpr int kSamplesPerBlock = 2;    // 8 uniforms per block / (k normals per sample)
+constexpr int kSamplesPerBlock = 2;    // 4 pairs per block, cos halves and sin halves
 
 VK_HD double uniform_open_zero(uint32_t lo, uint32_t hi) {  // (0, 1]
   const uint64_t bits = ((static_cast<uint64_t>(hi) << 32) | lo) >> 11;
@@ -121,42 +129,41 @@ VK_HD double uniform_closed_zero(uint32_t lo, uint32_t hi) {  // [0, 1)
   return static_cast<double>(bits) * 0x1.0p-53;
 }
 
-// One N(0,1) sample from 8 words (4 uniforms -> 2 Box–Muller pairs -> 4 normals).
-VK_HD double gaussian_from_words(const uint32_t w[8]) {
+// The two N(0,1) samples of one block's 16 words (4 pairs -> 8 normals -> 2 samples).
+VK_HD void gaussians_from_block(const uint32_t w[16], double out[2]) {
   const double two_pi = 6.283185307179586476925286766559;
-  double sum = 0.0;
-  for (int pair = 0; pair < 2; ++pair) {
+  double cos_sum = 0.0, sin_sum = 0.0;
+  for (int pair = 0; pair < 4; ++pair) {
     const uint32_t* q = w + 4 * pair;
     const double r = sqrt(-2.0 * log(uniform_open_zero(q[0], q[1])));
     const double theta = two_pi * uniform_closed_zero(q[2], q[3]);
-    sum += r * cos(theta) + r * sin(theta);
+    cos_sum += r * cos(theta);
+    sin_sum += r * sin(theta);
   }
-  return 0.5 * sum;  // (z1 + z2 + z3 + z4) / sqrt(4)
+  out[0] = 0.5 * cos_sum;  // (z1 + z2 + z3 + z4) / sqrt(4), four independent pairs
+  out[1] = 0.5 * sin_sum;
 }
 
 // Both samples that block `index` yields: out[0] = sample 2b, out[1] = 2b + 1.
 VK_HD void gaussian_pair(const Key& key, const Nonce& nonce, uint64_t index, double out[2]) {
   uint32_t words[16];
   block_at(key, nonce, index, words);
-  out[0] = gaussian_from_words(words);
-  out[1] = gaussian_from_words(words + 8);
+  gaussians_from_block(words, out);
 }
 
 // ---------------------------------------------------------------------------
-// Reproducible-mode key: ChaCha20 used as a PRF. The seed (64 bits) fills key
-// words 0-1, the remaining six words hold a fixed domain-separation constant;
-// the step fills nonce words 0-1. Block 0 of that stream is computed and its
-// first 8 words become the key of the noise stream for (seed, step), whose
-// nonce is zero. Different (seed, step) pairs thus get unrelated keys, and the
-// noise of element offset + j of that step is sample offset + j of the stream.
-// (Reproducible mode is for experiments: a 64-bit seed is not a secret key.)
+// Reproducible-mode keys: ChaCha20 used as a PRF. The master key (256 bits,
+// derived from the seed on the Python side: SHA-256) keys a block whose nonce
+// holds the step and a domain-separation word; its first 8 words become the
+// key of the noise stream of that step, whose nonce is zero. Different steps
+// thus get unrelated keys, and the noise of element offset + j of that step
+// is sample offset + j of the stream. Secure mode differs only in where the
+// key comes from (os.urandom instead of a seed).
 // ---------------------------------------------------------------------------
-VK_HD Key derive_step_key(uint64_t seed, uint64_t step) {
-  // ASCII "vaultkern-noise-key-v1\0\0" as little-endian words.
-  const Key master = {{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
-                       0x6c756176u, 0x72656b74u, 0x6f6e2d6eu, 0x2d657369u, 0x2d79656bu,
-                       0x00003176u}};
-  const Nonce nonce = {{static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32), 0u}};
+VK_HD Key derive_step_key(const Key& master, uint64_t step) {
+  const uint32_t kNoiseDomain = 0x31657369u;  // ASCII "ise1": the noise's step keys
+  const Nonce nonce = {{static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                        kNoiseDomain}};
   uint32_t words[16];
   block(master, 0u, nonce, words);
   Key key;

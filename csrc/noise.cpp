@@ -125,12 +125,13 @@ void fill_gaussian_cpu(const chacha::Key& key, const chacha::Nonce& nonce, uint6
     for (int64_t b4 = begin; b4 < end; b4 += 4) {
       blocks4(key, nonce, b0 + b4, words);
       for (int64_t b = b4; b < std::min(b4 + 4, end); ++b) {
-        for (int slot = 0; slot < 2; ++slot) {  // sample 2b + slot uses words 8·slot .. 8·slot+7
+        double xi[2];  // samples 2b and 2b + 1
+        chacha::gaussians_from_block(words[b - b4], xi);
+        for (int slot = 0; slot < 2; ++slot) {
           const uint64_t s = 2 * (b0 + b) + slot;
           if (s < first || s >= first + uint64_t(n)) continue;
           const int64_t j = int64_t(s - first);
-          const double xi = chacha::gaussian_from_words(words[b - b4] + 8 * slot);
-          out[j] = static_cast<scalar_t>(in ? (double(in[j]) + std * xi) * scale : xi);
+          out[j] = static_cast<scalar_t>(in ? (double(in[j]) + std * xi[slot]) * scale : xi[slot]);
         }
       }
     }
@@ -233,17 +234,19 @@ at::Tensor secure_noisy_scale(const at::Tensor& summed, double std, double scale
   return noisy_scale_impl(summed, std, scale, key_from(key, fn), nonce_from(nonce, fn), 0, fn);
 }
 
-// Reproducible noise: the key is derived from (seed, step) (chacha20.h,
-// derive_step_key; seed and step are used as their 64-bit two's-complement
-// bits), the nonce is zero, and element j uses sample offset + j, so the
-// noise of a parameter element depends only on (seed, step, its offset).
-at::Tensor noisy_scale(const at::Tensor& summed, double std, double scale, int64_t seed,
+// Reproducible noise: `key` is the run's 256-bit master key (the Python side
+// derives it from the seed), the step's key is derived from it
+// (chacha20.h, derive_step_key), the nonce is zero, and element j uses sample
+// offset + j, so the noise of a parameter element depends only on
+// (master key, step, its offset). The same sampler as secure_noisy_scale.
+at::Tensor noisy_scale(const at::Tensor& summed, double std, double scale, const at::Tensor& key,
                        int64_t step, int64_t offset) {
   const char* fn = "noisy_scale";
   VK_CHECK(offset >= 0, fn, ": offset must be >= 0, got ", offset);
-  const chacha::Key key = chacha::derive_step_key(uint64_t(seed), uint64_t(step));
+  VK_CHECK(step >= 0, fn, ": step must be >= 0, got ", step);
+  const chacha::Key step_key = chacha::derive_step_key(key_from(key, fn), uint64_t(step));
   const chacha::Nonce zero = {{0u, 0u, 0u}};
-  return noisy_scale_impl(summed, std, scale, key, zero, uint64_t(offset), fn);
+  return noisy_scale_impl(summed, std, scale, step_key, zero, uint64_t(offset), fn);
 }
 
 bool built_with_cuda() {

@@ -64,7 +64,7 @@ at::Tensor gaussian(int64_t n, const at::Tensor& key, const at::Tensor& nonce, i
                     at::ScalarType dtype, const at::Device& device);
 at::Tensor secure_noisy_scale(const at::Tensor& summed, double std, double scale,
                               const at::Tensor& key, const at::Tensor& nonce);
-at::Tensor noisy_scale(const at::Tensor& summed, double std, double scale, int64_t seed,
+at::Tensor noisy_scale(const at::Tensor& summed, double std, double scale, const at::Tensor& key,
                        int64_t step, int64_t offset);
 
 bool built_with_cuda();

@@ -89,6 +89,19 @@ def worker(rank, world, scenario, port, out):
                 vk.patch(sharded_first)
             except vk.UnsupportedModuleError as exc:
                 errors.append(str(exc))
+            try:  # each rank would draw its own key
+                train(model(), 1.0, rank, world, 1, secure=True)
+            except NotImplementedError as exc:
+                errors.append(str(exc))
+            try:  # each rank would sample the whole dataset
+                from torch.utils.data import DataLoader
+                pm = model()
+                vk.PrivacyEngine().make_private(
+                    module=pm, optimizer=torch.optim.SGD(pm.parameters(), lr=LR),
+                    data_loader=DataLoader(list(data(0)), batch_size=2), noise_multiplier=1.0,
+                    max_grad_norm=C)
+            except NotImplementedError as exc:
+                errors.append(str(exc))
             result = {"errors": errors}
     finally:
         torch.save(result, f"{out}.rank{rank}")

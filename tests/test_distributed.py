@@ -56,10 +56,13 @@ def test_noise_once_and_identical_on_every_rank(tmp_path):
 
 
 def test_unsupported_modes_are_refused(tmp_path):
-    """DDP flags that would keep or lose the clipped sums, DDP before patching, and FSDP2
-    (patched before or after fully_shard): each a clear error, never silent training."""
+    """DDP flags that would keep or lose the clipped sums, DDP before patching, FSDP2
+    (patched before or after fully_shard), secure noise across ranks and PrivacyEngine's
+    whole-dataset sampling on every rank: each a clear error, never silent training."""
     errors = run("refusals", tmp_path)[0]["errors"]
-    assert len(errors) == 5, errors
+    assert len(errors) == 7, errors
     assert "find_unused_parameters" in errors[0] and "static_graph" in errors[1]
     assert "before wrapping it in DistributedDataParallel" in errors[2]
-    assert all("FSDP" in e for e in errors[3:])
+    assert all("FSDP" in e for e in errors[3:5])
+    assert "secure_mode=True under torch.distributed" in errors[5]
+    assert "sensitivity 2C" in errors[6]

@@ -7,6 +7,7 @@ under a fixed key (deterministic), and the CUDA stream against the CPU stream
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -25,10 +26,11 @@ N = 1_000_000
 
 
 def noisy_scale_fn(ext):
-    """noisy_scale under its op name or, kept out of the dispatch, '_noisy_scale'."""
-    fn = getattr(ext, "noisy_scale", None) or getattr(ext, "_noisy_scale", None)
-    assert fn is not None, "vaultkern._C exports neither noisy_scale nor _noisy_scale"
-    return fn
+    """The extension's reproducible noisy_scale, called as the op calls it (the adapter turns
+    the seed into the 256-bit master key)."""
+    assert hasattr(ext, "noisy_scale"), "vaultkern._C does not export noisy_scale"
+    from vaultkern import ops
+    return functools.partial(ops.noisy_scale, backend="cpp")
 
 
 def nonce(i: int) -> torch.Tensor:
@@ -88,16 +90,16 @@ def test_stream_argument_errors(C):
 # The documented sampler, re-derived from the raw stream
 # ---------------------------------------------------------------------------
 def gaussian_from_stream(stream: bytes, j: int) -> float:
-    """Sample j: the 4 little-endian 64-bit words of half j%2 of block j//2 -> 4 uniforms
-    from their top 53 bits -> 2 Box–Muller pairs -> (z1 + z2 + z3 + z4) / 2."""
-    start = 64 * (j // 2) + 32 * (j % 2)
-    words = struct.unpack("<4Q", stream[start:start + 32])
+    """Sample j: block j//2 as 8 little-endian 64-bit words -> 4 Box–Muller pairs (u1 from
+    word 2p, u2 from word 2p+1, top 53 bits each) -> ½ Σ_p r_p cos θ_p for an even j,
+    ½ Σ_p r_p sin θ_p for an odd one: four independent draws per sample."""
+    words = struct.unpack("<8Q", stream[64 * (j // 2): 64 * (j // 2) + 64])
     total = 0.0
-    for pair in range(2):
+    for pair in range(4):
         u1 = ((words[2 * pair] >> 11) + 1) * 2.0**-53       # (0, 1]
         u2 = (words[2 * pair + 1] >> 11) * 2.0**-53         # [0, 1)
         r, theta = math.sqrt(-2.0 * math.log(u1)), 2.0 * math.pi * u2
-        total += r * math.cos(theta) + r * math.sin(theta)
+        total += r * (math.cos(theta) if j % 2 == 0 else math.sin(theta))
     return 0.5 * total
 
 

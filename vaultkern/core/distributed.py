@@ -34,9 +34,10 @@ def is_distributed() -> bool:
 
 
 def shared_random_seed() -> int:
-    """A 63-bit seed from os.urandom, rank 0's on every rank when running distributed, so
-    that replicas draw the same noise without the user passing a seed."""
-    seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    """A 256-bit seed from os.urandom (the noise's master key is SHA-256 of it: a full
+    ChaCha20 key), rank 0's on every rank when running distributed, so that replicas draw
+    the same noise without the user passing a seed."""
+    seed = int.from_bytes(os.urandom(32), "little")
     if is_distributed():
         import torch.distributed as dist
         box = [seed]

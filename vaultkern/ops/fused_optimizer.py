@@ -1,8 +1,8 @@
 """DP-SGD optimizer steps fused with the noise (DESIGN.md §4): one pass per parameter.
 
 The private gradient of a parameter is  ĝ = (summed + std·ξ)·scale  (summed = Σ_i clip_i g_i,
-std = σ·C, scale = 1/B̄, ξ ~ N(0, I) as in :func:`vaultkern.ops.noise.noisy_scale`, the
-same stream for the same (seed, step, offset) and backend). The fused ops read the
+std = σ·C, scale = 1/B̄, ξ ~ N(0, I) exactly :func:`vaultkern.ops.noise.noisy_scale`'s
+ChaCha20 stream for the same (seed, step, offset)). The fused ops read the
 clipped sum, form ĝ in registers and apply the update in place, so neither a noise
 tensor nor ĝ is ever stored:
 
@@ -35,7 +35,7 @@ import torch
 
 from vaultkern.backend import define_op
 from vaultkern.ops._triton import interpreted, tl, triton
-from vaultkern.ops.noise import gaussian_at, noisy_scale, philox_key
+from vaultkern.ops.noise import noise_blocks, noise_tile, noisy_scale, step_key_tensor
 
 noisy_sgd_ = define_op("noisy_sgd_", __doc__)
 noisy_adamw_ = define_op("noisy_adamw_", __doc__)
@@ -85,25 +85,27 @@ def noisy_adamw_torch(param, summed, exp_avg, exp_avg_sq, std, scale, *, seed, s
 
 # --- Triton: one pass per parameter ------------------------------------------------------------
 
-_QUADS = 4096 if interpreted() else 256  # 4·_QUADS elements per program
+_BLOCKS = 1024 if interpreted() else 128  # ChaCha20 blocks (2 elements each) per program
 
 
 @triton.jit
-def _private_grad(summed_ptr, idx, mask, quad, lane, key, std, scale, BLOCK_Q: tl.constexpr):
-    """ĝ = (summed + std·ξ)·scale for a [BLOCK_Q, 4] tile, ξ exactly as noisy_scale's."""
-    s = tl.load(summed_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    return (s + std * gaussian_at(key, quad, lane, BLOCK_Q)) * scale
+def _tile(summed_ptr, n, key_ptr, offset, std, scale, BLOCK: tl.constexpr):
+    """(index, mask, ĝ in fp32) of this program's [BLOCK, 2] tile: ĝ = (summed + std·ξ)·scale
+    in float64, rounded to summed's dtype (as noisy_scale), ξ exactly noisy_scale's stream."""
+    first = offset // 2 + tl.program_id(0).to(tl.int64) * BLOCK
+    idx, xi = noise_tile(key_ptr, first, offset, BLOCK)
+    mask = (idx >= 0) & (idx < n)
+    s = tl.load(summed_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+    g = ((s + std * xi) * scale).to(summed_ptr.dtype.element_ty).to(tl.float32)
+    return idx, mask, g
 
 
 @triton.jit
-def _noisy_sgd_kernel(param_ptr, summed_ptr, buf_ptr, n, key, std, scale, lr, weight_decay, momentum,
-                      HAS_MOMENTUM: tl.constexpr, BLOCK_Q: tl.constexpr):
-    quad = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    lane = tl.arange(0, 4)
-    idx = quad[:, None] * 4 + lane[None, :]
-    mask = idx < n
+def _noisy_sgd_kernel(param_ptr, summed_ptr, buf_ptr, n, key_ptr, offset, std, scale, lr,
+                      weight_decay, momentum, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+    idx, mask, g = _tile(summed_ptr, n, key_ptr, offset, std, scale, BLOCK)
     theta = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    d = _private_grad(summed_ptr, idx, mask, quad, lane, key, std, scale, BLOCK_Q) + weight_decay * theta
+    d = g + weight_decay * theta
     if HAS_MOMENTUM:
         d = momentum * tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d
         tl.store(buf_ptr + idx, d.to(buf_ptr.dtype.element_ty), mask=mask)
@@ -111,13 +113,10 @@ def _noisy_sgd_kernel(param_ptr, summed_ptr, buf_ptr, n, key, std, scale, lr, we
 
 
 @triton.jit
-def _noisy_adamw_kernel(param_ptr, summed_ptr, m_ptr, v_ptr, n, key, std, scale, lr, beta1, beta2, eps,
-                        weight_decay, step_size, inv_sqrt_bias2, BLOCK_Q: tl.constexpr):
-    quad = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    lane = tl.arange(0, 4)
-    idx = quad[:, None] * 4 + lane[None, :]
-    mask = idx < n
-    g = _private_grad(summed_ptr, idx, mask, quad, lane, key, std, scale, BLOCK_Q)
+def _noisy_adamw_kernel(param_ptr, summed_ptr, m_ptr, v_ptr, n, key_ptr, offset, std, scale, lr,
+                        beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2,
+                        BLOCK: tl.constexpr):
+    idx, mask, g = _tile(summed_ptr, n, key_ptr, offset, std, scale, BLOCK)
     theta = tl.load(param_ptr + idx, mask=mask, other=0.0).to(tl.float32) * (1.0 - lr * weight_decay)
     m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
     v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
@@ -136,7 +135,7 @@ def _fusable(*tensors: Optional[torch.Tensor]) -> bool:
 
 @noisy_sgd_.register("triton")
 def noisy_sgd_triton(param, summed, std, scale, *, seed, step, offset=0, lr, weight_decay=0.0,
-                     momentum=0.0, momentum_buffer=None, block_quads: Optional[int] = None) -> None:
+                     momentum=0.0, momentum_buffer=None, blocks_per_program: Optional[int] = None) -> None:
     """Fused kernel; non-contiguous / float64 tensors: triton noisy_scale + torch update."""
     buf = momentum_buffer if momentum else None
     if not _fusable(param, summed, buf):
@@ -146,18 +145,18 @@ def noisy_sgd_triton(param, summed, std, scale, *, seed, step, offset=0, lr, wei
     n = param.numel()
     if n == 0:
         return None
-    block = block_quads or _QUADS
-    _noisy_sgd_kernel[(triton.cdiv(n, 4 * block),)](
-        param, summed, buf if buf is not None else param, n, philox_key(seed, step, offset),
-        float(std), float(scale), float(lr), float(weight_decay), float(momentum),
-        HAS_MOMENTUM=buf is not None, BLOCK_Q=block)
+    block = blocks_per_program or _BLOCKS
+    _noisy_sgd_kernel[(triton.cdiv(noise_blocks(n, offset), block),)](
+        param, summed, buf if buf is not None else param, n,
+        step_key_tensor(seed, step, param.device), int(offset), float(std), float(scale),
+        float(lr), float(weight_decay), float(momentum), HAS_MOMENTUM=buf is not None, BLOCK=block)
     return None
 
 
 @noisy_adamw_.register("triton")
 def noisy_adamw_triton(param, summed, exp_avg, exp_avg_sq, std, scale, *, seed, step, offset=0,
                        lr, beta1, beta2, eps, weight_decay, adam_step,
-                       block_quads: Optional[int] = None) -> None:
+                       blocks_per_program: Optional[int] = None) -> None:
     """Fused kernel; non-contiguous / float64 tensors: triton noisy_scale + torch update."""
     if not _fusable(param, summed, exp_avg, exp_avg_sq):
         noisy = noisy_scale(summed, std, scale, seed=seed, step=step, offset=offset, backend="triton")
@@ -166,10 +165,10 @@ def noisy_adamw_triton(param, summed, exp_avg, exp_avg_sq, std, scale, *, seed, 
     n = param.numel()
     if n == 0:
         return None
-    block = block_quads or _QUADS
+    block = blocks_per_program or _BLOCKS
     bias1, bias2 = 1.0 - beta1 ** adam_step, 1.0 - beta2 ** adam_step
-    _noisy_adamw_kernel[(triton.cdiv(n, 4 * block),)](
-        param, summed, exp_avg, exp_avg_sq, n, philox_key(seed, step, offset), float(std),
-        float(scale), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        float(lr / bias1), float(1.0 / math.sqrt(bias2)), BLOCK_Q=block)
+    _noisy_adamw_kernel[(triton.cdiv(noise_blocks(n, offset), block),)](
+        param, summed, exp_avg, exp_avg_sq, n, step_key_tensor(seed, step, param.device),
+        int(offset), float(std), float(scale), float(lr), float(beta1), float(beta2), float(eps),
+        float(weight_decay), float(lr / bias1), float(1.0 / math.sqrt(bias2)), BLOCK=block)
     return None

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from vaultkern.privacy import opacus_compat as compat
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
-from vaultkern.core.distributed import shared_random_seed
+from vaultkern.core.distributed import is_distributed, shared_random_seed
 from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
 from vaultkern.privacy.sampling import (
     MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
@@ -208,6 +208,14 @@ class PrivacyEngine:
         if again and not any(m is module for m in self._private_modules):
             raise RuntimeError("the module is already patched (vk.patch or another "
                                "PrivacyEngine); pass the model before patching")
+        if is_distributed() and poisson_sampling:
+            raise NotImplementedError(
+                "PrivacyEngine.make_private under torch.distributed: every rank would Poisson-"
+                "sample the whole dataset, so one example could join two ranks' batches in one "
+                "step (sensitivity 2C) while the accountant charges q. A distributed Poisson "
+                "sampler is not implemented yet: give each rank a disjoint shard, sample it with "
+                "vaultkern.privacy.PoissonBatchSampler at q = B/N, and use vk.patch + DDP + "
+                "DPOptimizer(expected_batch_size=global B) as in tests/distributed_worker.py.")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader)}")
         module_params = {id(p) for p in module.parameters()}

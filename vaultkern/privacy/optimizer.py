@@ -43,7 +43,7 @@ from typing import Callable, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from vaultkern.core.distributed import shared_random_seed
+from vaultkern.core.distributed import is_distributed, shared_random_seed
 from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
 _STATE_KEY = "vaultkern_dp"
@@ -100,6 +100,12 @@ class DPOptimizer(Optimizer):
                                     else float(expected_batch_size))
         self.loss_reduction = loss_reduction
         self.secure_mode = bool(secure_mode)
+        if self.secure_mode and is_distributed():
+            raise NotImplementedError(
+                "secure_mode=True under torch.distributed: each rank would draw its own "
+                "os.urandom key and the replicas would diverge; sharing the key across ranks is "
+                "not implemented yet. Use secure_mode=False (the seed is drawn on rank 0 and "
+                "broadcast) or one process.")
         # without a seed, rank 0's random seed on every rank: replicas draw the same noise
         self.seed = None if secure_mode else (int(seed) if seed is not None else shared_random_seed())
         self.steps_taken = 0  # logical (noised) steps so far
