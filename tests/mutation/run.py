@@ -85,9 +85,10 @@ MUTANTS = [
            ["tests/test_plumbing_train.py"]),
     Mutant("update-realised-batch",
            "update (clipped sum + noise) divided by the realised batch size, not B̄",
-           [Edit(("vaultkern/core/bookkeeping.py",), r"^(\s*)batch = self\._check_layout\(groups\)\n",
+           [Edit(("vaultkern/core/bookkeeping.py",),
+                 r"^(\s*)(batch|rows) = self\._check_layout\(groups\)\n",
                  r"\g<0>\1import vaultkern.privacy.optimizer as _vk_opt\n"
-                 r"\1_vk_opt.REALISED_ROWS = batch\n"),
+                 r"\1_vk_opt.REALISED_ROWS = \2\n"),
             Edit(("vaultkern/privacy/optimizer.py",),
                  r"std, scale = self\.noise_std, self\.grad_scale$",
                  'std, scale = self.noise_std, (1.0 / globals().get("REALISED_ROWS", '
