@@ -120,8 +120,7 @@ def noisy_scale_torch(summed: torch.Tensor, std: float, scale: float, *, seed: i
 def _noisy_scale_cpp(fn, summed: torch.Tensor, std: float, scale: float, *, seed: int, step: int,
                      offset: int = 0) -> torch.Tensor:
     if summed.is_cuda and not _extension_has_cuda():  # the same stream, fused in Triton
-        fallback = noisy_scale_triton if "triton" in noisy_scale.impls and \
-            noisy_scale.available("triton") else noisy_scale_torch
+        fallback = noisy_scale_triton if noisy_scale.available("triton") else noisy_scale_torch
         return fallback(summed, std, scale, seed=seed, step=step, offset=offset)
     key = torch.frombuffer(bytearray(noise_key(seed)), dtype=torch.uint8)
     return fn(summed, float(std), float(scale), key, int(step), int(offset))
