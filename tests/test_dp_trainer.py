@@ -13,7 +13,6 @@ import dp_accounting  # noqa: E402
 import vaultkern as vk  # noqa: E402
 from hf_zoo import make  # noqa: E402
 from vaultkern.hf import DPTrainer, per_example_lm_loss  # noqa: E402
-from vaultkern.privacy.assembly import sampler_seed  # noqa: E402
 from vaultkern.privacy.sampling import PoissonBatchSampler, split_microbatches  # noqa: E402
 
 N = 30
@@ -98,7 +97,7 @@ def test_three_steps_equal_the_same_steps_by_hand(tmp_path):
     vk.patch(ref, max_grad_norm=0.5, loss_reduction="sum", allow_empty_batch=True)
     opt = vk.DPOptimizer(sgd(ref)[0], noise_multiplier=0.0, max_grad_norm=0.5,
                          expected_batch_size=6, loss_reduction="mean", seed=7)
-    sampler = PoissonBatchSampler(N, 6 / N, 3, generator=torch.Generator().manual_seed(sampler_seed(7)))
+    sampler = PoissonBatchSampler(N, 6 / N, 3, seed=7)  # the trainer's: dp_seed=7
     for indices in sampler:
         for chunk in split_microbatches(indices, 3):
             per_example_lm_loss(ref, collate([data[i] for i in chunk])).sum().backward()

@@ -14,15 +14,9 @@ from vaultkern.privacy.sampling import (
     truncated_poisson_batch)
 
 
-def seeded(seed):
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 def test_batch_sizes_are_binomial_and_every_example_is_eligible():
     n, q, steps = 200, 0.05, 2000
-    batches = list(PoissonBatchSampler(n, q, steps, generator=seeded(0)))
+    batches = list(PoissonBatchSampler(n, q, steps, seed=0))
     assert len(batches) == steps
     sizes = np.array([len(b) for b in batches])
     # chi-square of the batch-size histogram against Binomial(n, q), tail bins merged
@@ -44,17 +38,17 @@ def test_batch_sizes_are_binomial_and_every_example_is_eligible():
 
 
 def test_empty_batches_are_yielded_as_empty_lists():
-    batches = list(PoissonBatchSampler(5, 0.01, 50, generator=seeded(1)))
+    batches = list(PoissonBatchSampler(5, 0.01, 50, seed=1))
     assert len(batches) == 50 and sum(b == [] for b in batches) > 30
 
 
 def test_resume_from_state_dict_continues_the_same_order():
-    reference = list(PoissonBatchSampler(30, 0.2, 12, generator=seeded(7)))
-    sampler = PoissonBatchSampler(30, 0.2, 12, generator=seeded(7))
+    reference = list(PoissonBatchSampler(30, 0.2, 12, seed=7))
+    sampler = PoissonBatchSampler(30, 0.2, 12, seed=7)
     it = iter(sampler)
     first = [next(it) for _ in range(5)]
     state = sampler.state_dict()
-    resumed = PoissonBatchSampler(30, 0.2, 12, generator=seeded(999))
+    resumed = PoissonBatchSampler(30, 0.2, 12, seed=999)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert first + rest == reference
@@ -75,8 +69,8 @@ def test_secure_sampler_and_argument_errors():
     # and the sizes spread like Binomial(1000, 0.1) (variance 90), not a fixed batch:
     # the sample variance of 2000 draws has sd ~ 90·sqrt(2/2000) = 2.8
     assert 70 < sizes.var() < 110
-    with pytest.raises(ValueError, match="generator"):
-        PoissonBatchSampler(10, 0.1, 2, generator=seeded(0), secure=True)
+    with pytest.raises(ValueError, match="seed or generator"):
+        PoissonBatchSampler(10, 0.1, 2, seed=0, secure=True)
     with pytest.raises(ValueError, match="sample_rate=0"):
         PoissonBatchSampler(10, 0.0, 2)
     with pytest.raises(ValueError, match="num_samples=0"):
@@ -84,7 +78,7 @@ def test_secure_sampler_and_argument_errors():
 
 
 def test_truncation_keeps_a_random_subset_of_the_sampled_batch():
-    sampler = PoissonBatchSampler(100, 0.5, 300, generator=seeded(3), max_batch_size=10)
+    sampler = PoissonBatchSampler(100, 0.5, 300, seed=3, max_batch_size=10)
     batches = list(sampler)
     assert all(len(b) <= 10 for b in batches) and all(len(set(b)) == len(b) for b in batches)
     # were truncation "keep the first 10", indices above ~25 would (almost) never appear
@@ -99,15 +93,15 @@ def test_pad_to_max_batch_and_truncated_helper():
         pad_to_max_batch([1, 2], 1)
     # q = 0.5 of 50: P(fewer than 8 sampled) = P(Binomial(50, 0.5) < 8) = 2e-7, so the
     # batch is truncated to 8 distinct real rows, no padding
-    idx, w = truncated_poisson_batch(50, 0.5, 8, generator=seeded(0))
+    idx, w = truncated_poisson_batch(50, 0.5, 8, seed=0)
     assert idx.shape == (8,) and w.tolist() == [1.0] * 8
     assert len(set(idx.tolist())) == 8 and all(0 <= i < 50 for i in idx.tolist())
     # q = 0.05 of 50, cap 3: the number of real rows is min(Binomial(50, 0.05), 3), padding
     # rows (pad_index, weight 0) fill the rest; chi-square against scipy's binomial
-    gen, draws, pad = seeded(1), 3000, 49
+    draws, pad = 3000, 49
     counts = np.zeros(4)
-    for _ in range(draws):
-        idx, w = truncated_poisson_batch(50, 0.05, 3, generator=gen, pad_index=pad)
+    for k in range(draws):
+        idx, w = truncated_poisson_batch(50, 0.05, 3, seed=1000 + k, pad_index=pad)
         real = int(w.sum())
         assert w[:real].eq(1).all() and w[real:].eq(0).all()
         assert idx[real:].eq(pad).all() and len(set(idx[:real].tolist())) == real
@@ -134,7 +128,7 @@ def test_poisson_loader_draws_batch_over_n_when_n_is_not_a_multiple(n, b):
     """
     q = b / n
     loader = make_poisson_loader(DataLoader(TensorDataset(torch.arange(n)), batch_size=b),
-                                 generator=seeded(n))
+                                 generator=torch.Generator().manual_seed(n))  # Opacus-style
     batches, total, seen = 0, 0, np.zeros(n)
     while batches < 5000:
         for (ids,) in loader:
@@ -165,7 +159,7 @@ def test_poisson_loader_rate_length_and_empty_batches():
     # N = 42 is not a multiple of B = 4: q = 4/42 = 0.0952, while 1/len(loader) = 1/11
     data = TensorDataset(torch.randn(42, 3), torch.arange(42))
     loader = DataLoader(data, batch_size=4, shuffle=True)
-    poisson = make_poisson_loader(loader, generator=seeded(0))
+    poisson = make_poisson_loader(loader, seed=0)
     sampler = poisson_sampler_of(poisson)
     assert sampler.sample_rate == pytest.approx(4 / 42, rel=1e-12)
     assert len(poisson) == len(loader) == 11
@@ -174,7 +168,7 @@ def test_poisson_loader_rate_length_and_empty_batches():
         assert torch.equal(data.tensors[0][y], x)
         assert is_empty_batch((x, y)) == (len(y) == 0)
     # force empty batches: a tiny rate
-    tiny = make_poisson_loader(DataLoader(DictDataset(50), batch_size=1), generator=seeded(0))
+    tiny = make_poisson_loader(DataLoader(DictDataset(50), batch_size=1), seed=0)
     tiny.batch_sampler.sample_rate = 1e-12
     batches = list(tiny)
     assert batches and all(is_empty_batch(b) for b in batches)
@@ -184,7 +178,7 @@ def test_poisson_loader_rate_length_and_empty_batches():
 
 def test_truncated_poisson_loader_yields_fixed_shapes_and_weights():
     data = TensorDataset(torch.arange(62, dtype=torch.float32).view(31, 2))
-    loader = make_poisson_loader(DataLoader(data, batch_size=5), generator=seeded(2),
+    loader = make_poisson_loader(DataLoader(data, batch_size=5), seed=2,
                                  truncated_poisson=True, max_batch_size=7)
     seen_padding = False
     for (x,), weights in loader:
@@ -213,9 +207,9 @@ class RecordingOptimizer:
 def test_micro_batches_reassemble_logical_batches_and_signal_boundaries():
     data = TensorDataset(torch.arange(40))
     base = DataLoader(data, batch_size=10)
-    logical = list(make_poisson_loader(base, generator=seeded(5)))
+    logical = list(make_poisson_loader(base, seed=5))
     optimizer = RecordingOptimizer()
-    with BatchMemoryManager(data_loader=make_poisson_loader(base, generator=seeded(5)),
+    with BatchMemoryManager(data_loader=make_poisson_loader(base, seed=5),
                             max_physical_batch_size=3, optimizer=optimizer) as micro:
         assert isinstance(micro, MicroBatchLoader) and len(micro) == len(base)
         chunks = [ids for (ids,) in micro]

@@ -375,7 +375,7 @@ def test_default_run_uses_secure_randomness(tmp_path, config):
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     assert ckpt["optimizer"]["vaultkern_dp"]["secure_mode"] is True
     assert ckpt["optimizer"]["vaultkern_dp"]["seed"] is None
-    assert ckpt["sampler"]["generator_state"] is None  # os.urandom, nothing to replay
+    assert ckpt["sampler"]["key"] is None  # an os.urandom key, kept out of the checkpoint
     p = json.loads((tmp_path / "a" / "model_card.json").read_text())["privacy"]
     assert p["secure_randomness"] is True and p["formal_guarantee"] is True and p["caveats"] == []
     assert "os.urandom" in p["randomness"]

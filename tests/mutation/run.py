@@ -54,35 +54,45 @@ class Mutant:
 ENGINE_TESTS = ["tests/test_plumbing_engine.py", "tests/test_privacy_engine.py"]
 NOISE_TESTS = ["tests/test_plumbing_noise.py", "tests/test_dp_optimizer.py"]
 
+# Every front door accounts through the one DP assembly's step hook, so the engine's and the
+# reference run's "accounts the wrong q" are the same line: each is run against its own tests.
+ACCOUNTS_ONE_OVER_STEPS = Edit(
+    ("vaultkern/privacy/assembly.py",),
+    r"run\.accountant\.step\(optimizer\.noise_multiplier, run\.sample_rate,",
+    "run.accountant.step(optimizer.noise_multiplier, "
+    "1.0 / -(-run.dataset_size // int(run.expected_batch_size)),")
+
 MUTANTS = [
     Mutant("sampler-q", "Poisson loader samples at q = 1/len(loader) instead of B̄/N",
            [Edit(("vaultkern/privacy/sampling.py",), r"sample_rate = expected / num_samples$",
                  "sample_rate = 1.0 / len(data_loader)")],
            ["tests/test_sampling.py", *ENGINE_TESTS]),
+    Mutant("assembly-q", "the DP assembly samples and accounts q = 1/(batches per pass), not B̄/N",
+           [Edit(("vaultkern/privacy/assembly.py",),
+                 r"q = float\(expected_batch_size\) / dataset_size if poisson_sampling",
+                 "q = 1.0 / -(-dataset_size // int(expected_batch_size)) if poisson_sampling")],
+           [*ENGINE_TESTS, "tests/test_plumbing_train.py"]),
     Mutant("engine-accounts-q", "engine accounts q = 1/len(loader) (samples B̄/N)",
-           [Edit(("vaultkern/privacy/engine.py",), r"sample_rate = expected_batch / dataset_size$",
-                 "sample_rate = 1.0 / len(data_loader)")],
-           ENGINE_TESTS),
+           [ACCOUNTS_ONE_OVER_STEPS], ENGINE_TESTS),
     Mutant("engine-calibrates-q", "make_private_with_epsilon calibrates σ for q = 1/len(loader)",
            [Edit(("vaultkern/privacy/engine.py",),
                  r"sample_rate = expected_batch_size_of\(data_loader\) / len\(data_loader\.dataset\)$",
                  "sample_rate = 1.0 / len(data_loader)")],
            ENGINE_TESTS),
     Mutant("engine-truncated-as-poisson", "engine accounts truncated Poisson as plain Poisson",
-           [Edit(("vaultkern/privacy/engine.py",), r"if truncated_max_batch is None:\n(\s*)accountant\.step",
-                 r"if True:\n\1accountant.step")],
+           [Edit(("vaultkern/privacy/assembly.py",),
+                 r"step_kwargs = \(\{\} if truncated_max_batch is None else",
+                 "step_kwargs = ({} if True else")],
            ENGINE_TESTS),
     Mutant("train-shuffled-batches",
            "reference run trains on shuffled fixed-size batches, still accounts Poisson",
-           [Edit(TRAIN_FILES, r"^(\s*)self\.accountant = Accountant\(args\.accountant\)\n",
+           [Edit(TRAIN_FILES,
+                 r"^(\s*)self\.stepper, self\.sampler, self\.accountant = run\.optimizer.*\n",
                  r"\g<0>\1self.sampler = ShuffledBatches(len(self.rows), args.batch_size, "
                  r"plan.steps, args.seed)\n")],
            ["tests/test_plumbing_train.py"]),
     Mutant("train-accounts-q", "reference run accounts q = 1/(steps per epoch) instead of B̄/N",
-           [Edit(TRAIN_FILES, r"self\.accountant\.step\(plan\.noise_multiplier, plan\.sample_rate",
-                 "self.accountant.step(plan.noise_multiplier, "
-                 "1.0 / -(-len(self.rows) // args.batch_size)")],
-           ["tests/test_plumbing_train.py"]),
+           [ACCOUNTS_ONE_OVER_STEPS], ["tests/test_plumbing_train.py"]),
     Mutant("update-realised-batch",
            "update (clipped sum + noise) divided by the realised batch size, not B̄",
            [Edit(("vaultkern/core/bookkeeping.py",),
@@ -108,9 +118,9 @@ MUTANTS = [
                  "std, scale = 1.02 * self.noise_std, self.grad_scale")],
            ["tests/test_dp_optimizer.py", "tests/test_plumbing_engine.py"]),
     Mutant("clip-without-min", "clip factor C/‖g‖ without min(1, ·)",
-           [Edit(("vaultkern/core/bookkeeping.py",),
-                 r"\(self\.max_grad_norm / \(norms \+ CLIP_EPS\)\)\.clamp\(max=1\.0\)",
-                 "(self.max_grad_norm / (norms + CLIP_EPS))")],
+           [Edit(("vaultkern/core/clipping.py",),
+                 r"\(threshold / \(norms \+ CLIP_EPS\)\)\.clamp\(max=1\.0\)",
+                 "(threshold / (norms + CLIP_EPS))")],
            ["tests/test_plumbing_clip.py", "tests/test_plumbing_engine.py"]),
 ]
 

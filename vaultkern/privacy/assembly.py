@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -28,11 +28,6 @@ from torch import nn
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.privacy.optimizer import DPOptimizer
 from vaultkern.privacy.sampling import PoissonBatchSampler
-
-
-def sampler_seed(dp_seed: int) -> int:
-    """The Poisson sampler's seed: a stream apart from the noise's, from the same dp_seed."""
-    return (int(dp_seed) * 6364136223846793005 + 1442695040888963407) & ((1 << 63) - 1)
 
 
 def check_delta(delta: float, dataset_size: int, allow_above: bool = False,
@@ -47,13 +42,35 @@ def check_delta(delta: float, dataset_size: int, allow_above: bool = False,
             f"a delta well below 1/N{override}.")
 
 
+class AccountStep:
+    """The optimizer's step hook: accounts the step, once sure that the noise is scaled to
+    the sensitivity the model clips to and that the model is still patched for it."""
+
+    def __init__(self, run: "DPRun"):
+        self.run, self.patch_state = run, getattr(run.model, "_vaultkern", None)
+
+    def __call__(self, optimizer: DPOptimizer) -> None:
+        run = self.run
+        if getattr(run.model, "_vaultkern", None) is not self.patch_state:
+            raise RuntimeError(
+                "this optimizer's model was made private again (or unpatched) since: step the "
+                "optimizer that the latest make_private returned. Parameters not updated.")
+        if optimizer.max_grad_norm != run.max_grad_norm:
+            raise RuntimeError(
+                f"optimizer.max_grad_norm={optimizer.max_grad_norm} but the model clips to "
+                f"{run.max_grad_norm} (e.g. an Opacus grad-clip scheduler changed only the "
+                "optimizer's): the noise would not match the sensitivity. Parameters not "
+                "updated; call make_private again with the new max_grad_norm.")
+        run.accountant.step(optimizer.noise_multiplier, run.sample_rate, **run.step_kwargs)
+
+
 @dataclass
 class DPRun:
     """What a front door trains with."""
 
     model: nn.Module
     optimizer: Optional[DPOptimizer]   # None until attach_optimizer (a Trainer makes it later)
-    sampler: PoissonBatchSampler
+    sampler: Optional[PoissonBatchSampler]  # None: the caller's own (non-Poisson) batches
     accountant: Accountant
     sample_rate: float
     noise_multiplier: float
@@ -64,15 +81,15 @@ class DPRun:
     step_kwargs: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     dp_seed: Optional[int] = None
+    update_reduction: str = "mean"
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         """Wrap ``optimizer``: noise once per logical step, ÷ B̄, and account the step."""
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_batch_size, loss_reduction="mean",
+            expected_batch_size=self.expected_batch_size, loss_reduction=self.update_reduction,
             secure_mode=self.secure, seed=self.dp_seed)
-        acct, q, kw = self.accountant, self.sample_rate, self.step_kwargs
-        self.optimizer.attach_step_hook(lambda opt: acct.step(opt.noise_multiplier, q, **kw))
+        self.optimizer.attach_step_hook(AccountStep(self))
         return self.optimizer
 
     @property
@@ -97,12 +114,14 @@ class DPRun:
         return lo
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "sampler": self.sampler.state_dict(),
+        return {"accountant": self.accountant.state_dict(),
+                "sampler": None if self.sampler is None else self.sampler.state_dict(),
                 "optimizer_dp": self.optimizer.dp_state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.load_state_dict(state["accountant"])  # never restart accounting at 0
-        self.sampler.load_state_dict(state["sampler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
         self.optimizer.load_dp_state_dict(state["optimizer_dp"])
 
 
@@ -110,39 +129,49 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
              expected_batch_size: float, max_grad_norm: float, steps: int,
              noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
              target_delta: Optional[float] = None, dp_seed: Optional[int] = None,
-             accountant: str = "pld", truncated_max_batch: Optional[int] = None,
-             allow_empty_batch: bool = True, patch: bool = True) -> DPRun:
+             secure: Optional[bool] = None, accountant: Union[str, Accountant] = "pld",
+             truncated_max_batch: Optional[int] = None, poisson_sampling: bool = True,
+             clipping: str = "flat", thresholds=None, loss_reduction: str = "sum",
+             update_reduction: str = "mean") -> DPRun:
     """Patch ``model``, wrap ``optimizer``, build the Poisson sampler and the accountant.
 
     σ is ``noise_multiplier``, or calibrated so that ``steps`` steps spend at most
     (target_epsilon, target_delta). ``steps`` is the sampler's length (one pass).
     ``optimizer`` may be None and attached later (:meth:`DPRun.attach_optimizer`).
+    ``secure`` (default: no ``dp_seed``) keys noise and sampling from ``os.urandom``.
+    ``loss_reduction`` is how the caller's loss reduces the rows (the patch's),
+    ``update_reduction`` whether the optimizer divides the noisy sum by B̄ ("mean") or not;
+    ``thresholds`` (default C) what the patch clips to (a list for per-layer clipping, whose
+    joint bound is ``max_grad_norm``). ``poisson_sampling=False`` (the PrivacyEngine's opt-in)
+    builds no sampler and accounts q = 1/steps: then ε is no guarantee.
     """
     import vaultkern as vk
     if not 0 < expected_batch_size <= dataset_size:
         raise ValueError(f"expected batch size {expected_batch_size} must lie in (0, N = "
                          f"{dataset_size}]")
-    q = float(expected_batch_size) / dataset_size
+    secure = dp_seed is None if secure is None else bool(secure)
+    if secure and dp_seed is not None:
+        raise ValueError(f"dp_seed={dp_seed} with secure randomness: a secure run is not seeded")
+    q = float(expected_batch_size) / dataset_size if poisson_sampling else 1.0 / steps
+    acct = accountant if isinstance(accountant, Accountant) else Accountant(accountant)
     step_kwargs = ({} if truncated_max_batch is None else
                    {"truncated_max_batch": truncated_max_batch, "dataset_size": dataset_size})
     if noise_multiplier is None:
         if target_epsilon is None or target_delta is None:
             raise ValueError("give noise_multiplier, or target_epsilon and target_delta")
         noise_multiplier = calibrate_noise_multiplier(
-            target_epsilon, target_delta, q, steps, accountant=accountant, **step_kwargs)
-    if patch:
-        vk.patch(model, max_grad_norm=max_grad_norm, loss_reduction="sum",
-                 allow_empty_batch=allow_empty_batch)
-    secure = dp_seed is None
-    sampler = PoissonBatchSampler(
-        dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
-        generator=None if secure else torch.Generator().manual_seed(sampler_seed(dp_seed)))
-    acct = Accountant(accountant)
+            target_epsilon, target_delta, q, steps, accountant=acct.kind, **step_kwargs)
     if truncated_max_batch is not None:  # fail now (e.g. RDP), not at the first step
-        Accountant(accountant).step(noise_multiplier, q, 0, **step_kwargs)
+        Accountant(acct.kind).step(noise_multiplier, q, 0, **step_kwargs)
+    # empty Poisson batches go through the caller's loop unchanged (noise-only steps)
+    vk.patch(model, max_grad_norm=max_grad_norm if thresholds is None else thresholds,
+             loss_reduction=loss_reduction, clipping=clipping, allow_empty_batch=True)
+    sampler = None if not poisson_sampling else PoissonBatchSampler(
+        dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
+        seed=dp_seed)  # a key of its own: SHA-256 of the seed under the sampler's domain
     run = DPRun(model, None, sampler, acct, q, float(noise_multiplier), float(expected_batch_size),
                 int(dataset_size), secure, truncated_max_batch, step_kwargs, float(max_grad_norm),
-                dp_seed)
+                dp_seed, update_reduction)
     if optimizer is not None:
         run.attach_optimizer(optimizer)
     return run

@@ -13,8 +13,10 @@
 
 What ``make_private`` does:
 
-* the module is patched in place by ``vaultkern.patch(module, max_grad_norm=C,
-  loss_reduction=...)`` (Book-Keeping ghost clipping; no wrapper module);
+* the DP pieces are built by :func:`vaultkern.privacy.assembly.assemble`, as for the
+  training run and DPTrainer: the module is patched in place by
+  ``vaultkern.patch(module, max_grad_norm=C, loss_reduction=...)`` (Book-Keeping ghost
+  clipping; no wrapper module);
 * the optimizer is wrapped in :class:`DPOptimizer` with B̄ = the loader's
   batch size (N / len(loader) if it has none) and σ, C;
 * the loader is replaced by a Poisson loader with q = B̄ / N and as many
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from vaultkern.privacy import opacus_compat as compat
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
+from vaultkern.privacy.assembly import assemble
 from vaultkern.core.distributed import is_distributed, shared_random_seed
 from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
 from vaultkern.privacy.sampling import (
@@ -60,29 +63,6 @@ class _NoteForward:
     def __call__(self, module, args):
         if torch.is_grad_enabled():
             self.optimizer.note_forward()
-
-
-class _RecordStep:
-    """The optimizer's step hook: accounts the step, once sure that the noise is scaled to
-    the sensitivity the model clips to and that the model is still patched for it."""
-
-    def __init__(self, accountant: Accountant, sample_rate: float, step_kwargs: dict,
-                 module: nn.Module, clip_total: float):
-        self.accountant, self.sample_rate, self.step_kwargs = accountant, sample_rate, step_kwargs
-        self.module, self.patch_state, self.clip_total = module, module._vaultkern, clip_total
-
-    def __call__(self, optimizer: DPOptimizer) -> None:
-        if getattr(self.module, "_vaultkern", None) is not self.patch_state:
-            raise RuntimeError(
-                "this optimizer's model was made private again (or unpatched) since: step the "
-                "optimizer that the latest make_private returned. Parameters not updated.")
-        if optimizer.max_grad_norm != self.clip_total:
-            raise RuntimeError(
-                f"optimizer.max_grad_norm={optimizer.max_grad_norm} but the model clips to "
-                f"{self.clip_total} (e.g. an Opacus grad-clip scheduler changed only the "
-                "optimizer's): the noise would not match the sensitivity. Parameters not "
-                "updated; call make_private again with the new max_grad_norm.")
-        self.accountant.step(optimizer.noise_multiplier, self.sample_rate, **self.step_kwargs)
 
 
 def release(module: nn.Module) -> nn.Module:
@@ -178,7 +158,6 @@ class PrivacyEngine:
         earlier optimizer of that model then refuses to step, and every step of either
         call is charged to the one accountant.
         """
-        import vaultkern as vk
 
         ghost = compat.check_grad_sample_mode(grad_sample_mode)
         compat.warn_rand_on_empty(rand_on_empty)
@@ -235,9 +214,7 @@ class PrivacyEngine:
 
         dataset_size = len(data_loader.dataset)
         expected_batch = expected_batch_size_of(data_loader)
-        if poisson_sampling:
-            sample_rate = expected_batch / dataset_size
-        else:
+        if not poisson_sampling:
             if not allow_non_poisson:
                 raise ValueError(
                     "poisson_sampling=False: shuffle-and-chunk batches are not Poisson sampling "
@@ -247,7 +224,6 @@ class PrivacyEngine:
                 "PRIVACY WARNING: poisson_sampling=False. The reported epsilon assumes Poisson "
                 "sampling, which this data loader does not do; it is NOT a valid privacy "
                 "guarantee for this run.", UserWarning, stacklevel=2)
-            sample_rate = 1.0 / len(data_loader)
         if self.dataset is not None and self.dataset is not data_loader.dataset:
             warnings.warn("PrivacyEngine got a different dataset object than before; "
                           "accounting assumes one dataset", UserWarning, stacklevel=2)
@@ -256,31 +232,19 @@ class PrivacyEngine:
             seed = shared_random_seed()
         if again:
             release(module)
-        # empty Poisson batches go through the user's loop unchanged (noise-only steps)
-        module = vk.patch(module, max_grad_norm=thresholds, loss_reduction=loss_reduction,
-                          clipping=clipping, allow_empty_batch=True)
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip_total,
-                                   expected_batch_size=expected_batch,
-                                   loss_reduction=loss_reduction, secure_mode=self.secure_mode,
-                                   seed=seed)
+        run = assemble(module, optimizer, dataset_size=dataset_size,
+                       expected_batch_size=expected_batch, max_grad_norm=clip_total,
+                       steps=len(data_loader), noise_multiplier=sigma, dp_seed=seed,
+                       secure=self.secure_mode, accountant=self.accountant,
+                       truncated_max_batch=truncated_max_batch, poisson_sampling=poisson_sampling,
+                       clipping=clipping, thresholds=thresholds, loss_reduction=loss_reduction,
+                       update_reduction=loss_reduction)
+        dp_optimizer, sample_rate = run.optimizer, run.sample_rate
+        loader = data_loader
         if poisson_sampling:
-            generator = None
-            if not self.secure_mode:
-                generator = torch.Generator()
-                generator.manual_seed((seed * 0x9E3779B97F4A7C15 + 1) & ((1 << 63) - 1))
-            loader = make_poisson_loader(
-                data_loader, generator=generator,
-                truncated_poisson=truncated_max_batch is not None,
-                max_batch_size=truncated_max_batch, secure=self.secure_mode)
-        else:
-            loader = data_loader
-
-        step_kwargs = ({} if truncated_max_batch is None else
-                       {"truncated_max_batch": truncated_max_batch, "dataset_size": dataset_size})
-        if truncated_max_batch is not None:  # fail now, not at the first step
-            Accountant(self.accountant.kind).step(sigma, sample_rate, 0, **step_kwargs)
-        dp_optimizer.attach_step_hook(
-            _RecordStep(self.accountant, sample_rate, step_kwargs, module, clip_total))
+            loader = make_poisson_loader(data_loader, sampler=run.sampler,
+                                         truncated_poisson=truncated_max_batch is not None,
+                                         max_batch_size=truncated_max_batch)
 
         if max_physical_batch_size is not None:
             loader = MicroBatchLoader(loader, max_physical_batch_size, dp_optimizer)
@@ -367,7 +331,7 @@ class PrivacyEngine:
 
     def state_dict(self) -> dict:
         """Accountant history, DPOptimizer state (wrapped optimizer + step/seed)
-        and the Poisson sampler's position and generator state."""
+        and the Poisson sampler's state (position, batches drawn, key unless secure)."""
         state = {"accountant": self.accountant.state_dict()}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()

@@ -37,7 +37,6 @@ expected size B̄, so it does not.)
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, List, Optional
 
 import torch

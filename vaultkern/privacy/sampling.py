@@ -30,7 +30,6 @@ the last one it adds noise once and updates.
 from __future__ import annotations
 
 import collections
-import os
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,15 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
-
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-
-
-def _secure_uniform(n: int) -> np.ndarray:
-    """n uniforms in [0, 1) from the operating system's CSPRNG (53 bits each)."""
-    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+from vaultkern.privacy.sampler_stream import SamplerStream
 
 
 class PoissonBatchSampler(Sampler[List[int]]):
@@ -60,13 +51,16 @@ class PoissonBatchSampler(Sampler[List[int]]):
     the sampler still yields unpadded lists (padding is the loader's job, see
     :func:`pad_to_max_batch`).
 
-    Randomness: a ``torch.Generator`` (``generator``, else one seeded from
-    ``os.urandom``). ``secure=True`` draws the Bernoulli decisions from
-    ``os.urandom`` instead (a CSPRNG); such a sampler cannot replay its order
-    and its state is only the step position.
+    Randomness: ChaCha20 with a 256-bit key, 53-bit uniforms, a fresh nonce per
+    batch (:mod:`vaultkern.privacy.sampler_stream`). The key is SHA-256 of
+    ``seed`` (reproducible), else drawn from ``os.urandom``. ``generator`` (a
+    ``torch.Generator``, as Opacus' loaders take) is turned into a seed by one
+    draw from it. ``secure=True`` keeps the ``os.urandom`` key out of the state:
+    such a sampler cannot replay its order after a resume (a new key continues).
 
-    Resume: :meth:`state_dict` holds the generator state and the position in
-    the current pass; a sampler restored from it yields exactly the batches the
+    Resume: :meth:`state_dict` holds the key (unless secure), the number of
+    batches drawn so far (the nonce; never reused) and the position in the
+    current pass; a sampler restored from it yields exactly the batches the
     saved one would have yielded next. A pass that is abandoned mid-way
     continues where it stopped on the next ``iter()``. With a multi-process
     DataLoader the sampler runs ahead of the training loop by the prefetched
@@ -75,8 +69,8 @@ class PoissonBatchSampler(Sampler[List[int]]):
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int,
-                 generator: Optional[torch.Generator] = None,
-                 max_batch_size: Optional[int] = None, secure: bool = False):
+                 seed: Optional[int] = None, max_batch_size: Optional[int] = None,
+                 secure: bool = False, generator: Optional[torch.Generator] = None):
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples={num_samples}: must be an integer >= 1")
         if not 0.0 < float(sample_rate) <= 1.0:
@@ -86,17 +80,21 @@ class PoissonBatchSampler(Sampler[List[int]]):
         if max_batch_size is not None and (int(max_batch_size) != max_batch_size
                                            or max_batch_size < 1):
             raise ValueError(f"max_batch_size={max_batch_size}: must be an integer >= 1")
-        if secure and generator is not None:
-            raise ValueError("secure=True draws from os.urandom; do not pass a generator")
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("give seed or generator, not both")
+            from vaultkern.privacy.opacus_compat import seed_of
+            seed = seed_of(generator)
+        if secure and seed is not None:
+            raise ValueError("secure=True keys the sampler from os.urandom; do not pass a "
+                             "seed or generator")
         self.num_samples = int(num_samples)
         self.sample_rate = float(sample_rate)
         self.steps = int(steps)
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
         self.secure = bool(secure)
-        if generator is None and not secure:
-            generator = torch.Generator()
-            generator.manual_seed(_random_seed())
-        self.generator = generator
+        self.stream = SamplerStream.fresh() if seed is None else SamplerStream.from_seed(seed)
+        self.draws = 0     # batches drawn over the sampler's life: the next batch's nonce
         self.position = 0  # batches of the current pass already yielded
 
     def __len__(self) -> int:
@@ -105,17 +103,12 @@ class PoissonBatchSampler(Sampler[List[int]]):
     def sample_batch(self) -> List[int]:
         """One Poisson (optionally truncated) batch of indices, ascending order
         unless truncated (then in random order)."""
-        if self.secure:
-            chosen = np.nonzero(_secure_uniform(self.num_samples) < self.sample_rate)[0]
-            if self.max_batch_size is not None and len(chosen) > self.max_batch_size:
-                keys = _secure_uniform(len(chosen))
-                chosen = chosen[np.argsort(keys)[: self.max_batch_size]]
-            return chosen.tolist()
-        uniform = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64)
-        chosen = torch.nonzero(uniform < self.sample_rate).flatten()
+        draw, self.draws = self.draws, self.draws + 1
+        uniform = self.stream.uniforms(draw, 0, self.num_samples)
+        chosen = np.nonzero(uniform < self.sample_rate)[0]
         if self.max_batch_size is not None and len(chosen) > self.max_batch_size:
-            keep = torch.randperm(len(chosen), generator=self.generator)[: self.max_batch_size]
-            chosen = chosen[keep]
+            keys = self.stream.uniforms(draw, self.num_samples, len(chosen))
+            chosen = chosen[np.argsort(keys, kind="stable")[: self.max_batch_size]]
         return chosen.tolist()
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -127,13 +120,16 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
     def state_dict(self) -> dict:
         return {
-            "position": self.position,
-            "generator_state": None if self.generator is None else self.generator.get_state(),
+            "position": self.position, "draws": self.draws,
+            "key": None if self.secure else self.stream.key.hex(),
             "num_samples": self.num_samples, "sample_rate": self.sample_rate,
             "steps": self.steps, "max_batch_size": self.max_batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "draws" not in state:
+            raise ValueError("this sampler state comes from a vaultkern before the ChaCha20 "
+                             "sampler (it holds a torch generator state); it cannot be resumed")
         for key in ("num_samples", "sample_rate", "steps", "max_batch_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -142,11 +138,12 @@ class PoissonBatchSampler(Sampler[List[int]]):
         if not 0 <= state["position"] <= self.steps:
             raise ValueError(
                 f"sampler state position={state['position']} outside [0, {self.steps}]")
-        if state["generator_state"] is not None:
-            if self.generator is None:
-                raise ValueError("cannot load a generator state into a secure (os.urandom) sampler")
-            self.generator.set_state(state["generator_state"])
-        self.position = int(state["position"])
+        if state["key"] is not None:
+            if self.secure:
+                raise ValueError("cannot load a reproducible sampler's key into a secure "
+                                 "(os.urandom) sampler")
+            self.stream = SamplerStream(bytes.fromhex(state["key"]))
+        self.draws, self.position = int(state["draws"]), int(state["position"])
 
 
 def split_microbatches(indices: Sequence[int], max_physical_batch_size: int) -> List[List[int]]:
@@ -187,10 +184,10 @@ def pad_to_max_batch(indices: Sequence[int], max_batch_size: int,
 
 
 def truncated_poisson_batch(num_samples: int, sample_rate: float, max_batch_size: int,
-                            generator: Optional[torch.Generator] = None,
+                            seed: Optional[int] = None,
                             pad_index: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One truncated-Poisson batch, padded: ``(indices[max_batch_size], weights)``."""
-    sampler = PoissonBatchSampler(num_samples, sample_rate, 1, generator=generator,
+    sampler = PoissonBatchSampler(num_samples, sample_rate, 1, seed=seed,
                                   max_batch_size=max_batch_size)
     return pad_to_max_batch(sampler.sample_batch(), max_batch_size, pad_index)
 
@@ -303,9 +300,11 @@ def expected_batch_size_of(data_loader: DataLoader) -> float:
     return len(data_loader.dataset) / len(data_loader)
 
 
-def make_poisson_loader(data_loader: DataLoader, generator: Optional[torch.Generator] = None,
+def make_poisson_loader(data_loader: DataLoader, seed: Optional[int] = None,
                         truncated_poisson: bool = False, max_batch_size: Optional[int] = None,
-                        secure: bool = False, pad_index: int = 0) -> DataLoader:
+                        secure: bool = False, pad_index: int = 0,
+                        generator: Optional[torch.Generator] = None,
+                        sampler: Optional[PoissonBatchSampler] = None) -> DataLoader:
     """A DataLoader over the same dataset and collate_fn with Poisson batches.
 
     q = B̄ / N (B̄ = ``data_loader.batch_size``, or N / len(loader) when the loader
@@ -317,7 +316,9 @@ def make_poisson_loader(data_loader: DataLoader, generator: Optional[torch.Gener
     loader then yields ``(batch, weights)`` with ``weights[i] = 0`` on padding
     rows (copies of ``dataset[pad_index]``). The sampler is reachable as
     ``loader.batch_sampler`` (or ``loader.batch_sampler.sampler`` when padded)
-    and :func:`poisson_sampler_of` finds it in both cases.
+    and :func:`poisson_sampler_of` finds it in both cases. ``seed`` (or a
+    ``generator``) makes the batches reproducible (:class:`PoissonBatchSampler`);
+    ``sampler`` is one already built for this loader (the DP assembly's).
     """
     dataset = data_loader.dataset
     num_samples = len(dataset)
@@ -337,9 +338,16 @@ def make_poisson_loader(data_loader: DataLoader, generator: Optional[torch.Gener
     elif max_batch_size is not None:
         raise ValueError(
             f"max_batch_size={max_batch_size} is only used with truncated_poisson=True")
-    sampler = PoissonBatchSampler(num_samples, sample_rate, len(data_loader), generator=generator,
-                                  max_batch_size=max_batch_size if truncated_poisson else None,
-                                  secure=secure)
+    cap = max_batch_size if truncated_poisson else None
+    if sampler is None:
+        sampler = PoissonBatchSampler(num_samples, sample_rate, len(data_loader), seed=seed,
+                                      max_batch_size=cap, secure=secure, generator=generator)
+    elif (sampler.num_samples, sampler.sample_rate, sampler.steps, sampler.max_batch_size) != \
+            (num_samples, sample_rate, len(data_loader), cap):
+        raise ValueError(f"the sampler (N={sampler.num_samples}, q={sampler.sample_rate}, "
+                         f"steps={sampler.steps}, cap={sampler.max_batch_size}) does not match "
+                         f"the loader (N={num_samples}, q={sample_rate}, "
+                         f"steps={len(data_loader)}, cap={cap})")
     collate = data_loader.collate_fn or default_collate
     if truncated_poisson:
         return DataLoader(_PaddingAwareDataset(dataset),
