@@ -50,7 +50,8 @@ def render_markdown(card: dict) -> str:
     if p["differentially_private"]:
         out += [f"Trained with differentially private SGD (DP-SGD) by vaultkern {card['vaultkern_version']}: "
                 f"**(ε = {_fmt(p['epsilon'], 3)}, δ = {_fmt(p['delta'], 3)})-DP** with respect to "
-                f"**{p['privacy_unit']}** (add/remove one sequence).", ""]
+                f"**{p['privacy_unit']}** ({p.get('neighbouring_datasets', 'add/remove one sequence')}).",
+                ""]
         if not p["formal_guarantee"]:
             out += [f"**{NO_FORMAL_GUARANTEE}:** " + " ".join(p["caveats"]), ""]
     else:
@@ -68,11 +69,15 @@ def render_markdown(card: dict) -> str:
         ("target ε", p.get("target_epsilon")),
         ("privacy unit", p["privacy_unit"]),
         ("derived: ε for one document (group of k sequences, same δ)", doc.get("epsilon")),
+        *([("users (treated as public)", p.get("num_users")),
+           ("user-level sampling", p.get("user_sampling")),
+           ("derived: ε for one user (ELS: group of k sequences, same δ)",
+            (p.get("user_level") or {}).get("epsilon"))] if p.get("user_sampling") else []),
         ("clipping bound C", p.get("max_grad_norm")),
         ("noise multiplier σ (noise std σ·C)", p.get("noise_multiplier")),
         ("sampling", p.get("sampling")), ("sample rate q = B̄/N", p.get("sample_rate")),
         ("expected batch size B̄", p.get("expected_batch_size")),
-        ("N (training sequences; treated as public)", p.get("dataset_size")),
+        ("N (privacy units: sequences, or users; treated as public)", p.get("dataset_size")),
         ("steps accounted", p.get("steps")),
         ("accountant", p.get("accountant")),
         ("noise and sampling randomness", p.get("randomness")),
@@ -159,7 +164,7 @@ def _privacy_section(args, plan: dict, run: dict, data) -> dict:
                        "accounts for one continuation and holds only if every other "
                        "continuation's outputs were discarded.")
     cap = plan["max_batch_size"]
-    return {
+    section = {
         "differentially_private": True, "formal_guarantee": not caveats, "caveats": caveats,
         "epsilon": run["epsilon"], "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
         "privacy_unit": row_privacy_unit(T, k),
@@ -184,6 +189,11 @@ def _privacy_section(args, plan: dict, run: dict, data) -> dict:
         "resumes": len(run["resumes"]),
         "budget_note": plan["budget_note"] or None,
     }
+    if run.get("user_level"):  # --privacy-unit user (vaultkern.run.users.card_entries)
+        section.update(run["user_level"])
+        if section.get("user_sampling") == "uls":
+            section["document_level"] = None  # a user's guarantee covers all of its documents
+    return section
 
 
 def training_card(args, cfg, num_parameters: int, data, plan: dict, run: dict) -> dict:

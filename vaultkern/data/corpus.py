@@ -21,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 import torch
 
-from vaultkern.data.packing import pack_documents
-from vaultkern.data.synthetic import Canary, make_canaries, plant_canaries, synthetic_records
+from vaultkern.data.packing import pack_documents, row_owners
+from vaultkern.data.synthetic import (Canary, make_canaries, plant_canaries, synthetic_records,
+                                      synthetic_user_records)
 from vaultkern.data.tokenizer import ByteTokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -41,6 +43,7 @@ class Corpus:
     canaries: List[Canary] = field(default_factory=list)
     description: str = ""          # public: goes on the model card
     private_description: str = ""  # where the data came from (path, digest): private report only
+    train_users: Optional[List[int]] = None  # user of each training document (user-level DP)
 
 
 def read_documents(path: str) -> List[str]:
@@ -103,21 +106,81 @@ def builtin_corpus(num_records: int = 2000, seed: int = 0, heldout_fraction: flo
                   f"{len(canaries)} canaries planted {planted} times)")
 
 
+def split_users(documents: Sequence[str], users: Sequence, heldout_fraction: float, seed: int,
+                canaries: Sequence[Canary]):
+    """(train documents, their users, held-out documents): a user is held out whole when the
+    hash of (seed, user) falls below the fraction; each canary is planted ``repetitions``
+    times into the records of one training user (so user-level DP must protect all of its
+    copies at once)."""
+    held = {u for u in set(users) if heldout_score(f"user {u}", seed) < heldout_fraction}
+    train = [(d, u) for d, u in zip(documents, users) if u not in held]
+    if not train:
+        raise ValueError("every user was held out; lower the held-out fraction or add users")
+    heldout = [d for d, u in zip(documents, users) if u in held]
+    rng = random.Random(f"plant-users-{seed}")
+    owners = sorted({u for _, u in train}, key=str)
+    for canary in canaries:
+        train += [(canary.text, rng.choice(owners))] * canary.repetitions
+    return [d for d, _ in train], [u for _, u in train], heldout
+
+
+def builtin_user_corpus(num_records: int = 2000, seed: int = 0, heldout_fraction: float = 0.1,
+                        canary_repetitions: Sequence[int] = (1, 4, 16),
+                        canaries_per_repetition: int = 2, records_per_user: float = 4.0) -> Corpus:
+    """The built-in records with users (several records per user, split by user)."""
+    records, users = synthetic_user_records(num_records, seed, records_per_user)
+    canaries = make_canaries(seed, canary_repetitions, canaries_per_repetition) if canary_repetitions else []
+    train, train_users, heldout = split_users(records, users, heldout_fraction, seed, canaries)
+    planted = sum(c.repetitions for c in canaries)
+    return Corpus(train, heldout, canaries,
+                  f"built-in synthetic records with users ({num_records} records of "
+                  f"{len(set(users))} users, about {records_per_user:g} each, seed {seed}; "
+                  f"{len(canaries)} canaries planted {planted} times, each into one user's "
+                  "records)", train_users=train_users)
+
+
+def read_user_documents(path: str):
+    """(documents, users) of a .jsonl file whose every line has "text" and "user" fields."""
+    if not path.endswith(".jsonl"):
+        raise ValueError(f"--privacy-unit user with --data {path!r}: user ids come from a .jsonl "
+                         "file with a 'user' field on every line")
+    documents, users = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
+                    or not isinstance(record.get("user"), (str, int)):
+                raise ValueError(f"{path}:{line_no}: expected an object with a string \"text\" "
+                                 "and a string or integer \"user\" field")
+            documents.append(record["text"])
+            users.append(str(record["user"]))
+    return documents, users
+
+
 def file_corpus(path: str, seed: int = 0, heldout_fraction: float = 0.1,
-                canary_repetitions: Optional[Sequence[int]] = None) -> Corpus:
-    """The user's documents; canaries are planted only when canary_repetitions is given."""
-    documents = read_documents(path)
+                canary_repetitions: Optional[Sequence[int]] = None,
+                with_users: bool = False) -> Corpus:
+    """The user's documents; canaries are planted only when canary_repetitions is given.
+    ``with_users``: a .jsonl with a "user" field, split by user (:func:`split_users`)."""
+    documents, users = read_user_documents(path) if with_users else (read_documents(path), None)
     if len(documents) < 2:
         raise ValueError(f"--data {path!r} holds {len(documents)} document(s); need at least 2 "
                          "(separate documents in a .txt file by blank lines)")
     digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
-    train, heldout = split_documents(documents, heldout_fraction, seed)
     canaries = make_canaries(seed, canary_repetitions) if canary_repetitions else []
-    train = plant_canaries(train, canaries, seed)
+    train_users = None
+    if with_users:
+        train, train_users, heldout = split_users(documents, users, heldout_fraction, seed, canaries)
+    else:
+        train, heldout = split_documents(documents, heldout_fraction, seed)
+        train = plant_canaries(train, canaries, seed)
     planted = f", {len(canaries)} canaries planted" if canaries else ""
     # a path can name the data ("hiv_clinic_notes/") and a digest confirms a guess of it
     return Corpus(train, heldout, canaries, f"user documents (--data){planted}",
-                  f"{os.path.abspath(path)} ({len(documents)} documents, sha256 {digest}…)")
+                  f"{os.path.abspath(path)} ({len(documents)} documents, sha256 {digest}…)",
+                  train_users)
 
 
 @dataclass
@@ -132,15 +195,22 @@ class PackedCorpus:
     num_train_documents: int
     num_heldout_documents: int
     private_description: str = ""
+    train_row_users: Optional[torch.Tensor] = None  # [N] user of each training row (user-level)
 
     @classmethod
     def from_corpus(cls, corpus: Corpus, seq_len: int,
                     tokenizer: ByteTokenizer = ByteTokenizer()) -> "PackedCorpus":
         train_rows, per_document = pack_documents(corpus.train_documents, seq_len, tokenizer)
         heldout_rows, _ = pack_documents(corpus.heldout_documents, seq_len, tokenizer)
+        users = None
+        if corpus.train_users is not None:  # users as 0..U-1 (file ids may be strings)
+            index = {u: i for i, u in enumerate(sorted(set(corpus.train_users), key=str))}
+            users = torch.as_tensor(row_owners(corpus.train_documents,
+                                               [index[u] for u in corpus.train_users],
+                                               seq_len, tokenizer))
         return cls(train_rows, heldout_rows, list(corpus.canaries), corpus.description, seq_len,
                    max(per_document, default=0), len(corpus.train_documents),
-                   len(corpus.heldout_documents), corpus.private_description)
+                   len(corpus.heldout_documents), corpus.private_description, users)
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"

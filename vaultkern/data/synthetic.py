@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 FIRST_NAMES = [
     "Ada", "Bram", "Cleo", "Dario", "Edith", "Femi", "Greta", "Hugo", "Ilse", "Jonas", "Kira",
@@ -90,21 +90,21 @@ def _date(rng: random.Random) -> str:
     return f"{rng.randrange(2015, 2025)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
 
 
-def patient_followup(rng: random.Random) -> str:
-    return (f"Patient {_name(rng)}, MRN {rng.randrange(10**6, 10**7)}, phone {_phone(rng)}. "
+def patient_followup(rng: random.Random, name: str = None) -> str:
+    return (f"Patient {name or _name(rng)}, MRN {rng.randrange(10**6, 10**7)}, phone {_phone(rng)}. "
             f"Follow-up on {_date(rng)} for {rng.choice(DIAGNOSES)}. "
             f"Plan: {rng.choice(PLANS)}.")
 
 
-def support_ticket(rng: random.Random) -> str:
-    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+def support_ticket(rng: random.Random, name: str = None) -> str:
+    first, last = name.split(" ") if name else (rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES))
     return (f"Ticket #{rng.randrange(10**5, 10**6)} from {first} {last} "
             f"({first.lower()}.{last.lower()}@example.com, {_phone(rng)}): "
             f"{rng.choice(ISSUES)}. Agent {rng.choice(FIRST_NAMES)} {rng.choice(ACTIONS)}.")
 
 
-def bank_note(rng: random.Random) -> str:
-    return (f"Account DE{rng.randrange(10**9, 10**10)} holder {_name(rng)}: "
+def bank_note(rng: random.Random, name: str = None) -> str:
+    return (f"Account DE{rng.randrange(10**9, 10**10)} holder {name or _name(rng)}: "
             f"{rng.choice(BANK_NOTES)} on {_date(rng)}. Call back at {_phone(rng)}.")
 
 
@@ -117,6 +117,24 @@ def synthetic_records(num_records: int, seed: int) -> List[str]:
         raise ValueError(f"num_records must be >= 0, got {num_records}")
     rng = random.Random(f"records-{seed}")
     return [rng.choice(RECORD_KINDS)(rng) for _ in range(num_records)]
+
+
+def synthetic_user_records(num_records: int, seed: int,
+                           records_per_user: float = 4.0) -> Tuple[List[str], List[int]]:
+    """(records, user of each record): users 0, 1, ... each with a name of their own and
+    1 to 2·records_per_user - 1 records (uniform, mean records_per_user) about them."""
+    if records_per_user < 1:
+        raise ValueError(f"records_per_user must be >= 1, got {records_per_user}")
+    rng = random.Random(f"user-records-{seed}")
+    records, users, user = [], [], 0
+    while len(records) < num_records:
+        name = _name(rng)
+        for _ in range(min(rng.randint(1, max(1, round(2 * records_per_user - 1))),
+                           num_records - len(records))):
+            records.append(rng.choice(RECORD_KINDS)(rng, name))
+            users.append(user)
+        user += 1
+    return records, users
 
 
 def make_canaries(seed: int, repetitions: Sequence[int] = (1, 4, 16),

@@ -28,6 +28,7 @@ from torch import nn
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.privacy.optimizer import DPOptimizer
 from vaultkern.privacy.sampling import PoissonBatchSampler
+from vaultkern.privacy.user_sampling import UserPoissonSampler
 
 
 def check_delta(delta: float, dataset_size: int, allow_above: bool = False,
@@ -132,7 +133,8 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
              secure: Optional[bool] = None, accountant: Union[str, Accountant] = "pld",
              truncated_max_batch: Optional[int] = None, poisson_sampling: bool = True,
              clipping: str = "flat", thresholds=None, loss_reduction: str = "sum",
-             update_reduction: str = "mean") -> DPRun:
+             update_reduction: str = "mean", row_users=None,
+             max_rows_per_user: Optional[int] = None) -> DPRun:
     """Patch ``model``, wrap ``optimizer``, build the Poisson sampler and the accountant.
 
     σ is ``noise_multiplier``, or calibrated so that ``steps`` steps spend at most
@@ -143,7 +145,11 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
     ``update_reduction`` whether the optimizer divides the noisy sum by B̄ ("mean") or not;
     ``thresholds`` (default C) what the patch clips to (a list for per-layer clipping, whose
     joint bound is ``max_grad_norm``). ``poisson_sampling=False`` (the PrivacyEngine's opt-in)
-    builds no sampler and accounts q = 1/steps: then ε is no guarantee.
+    builds no sampler and accounts q = 1/steps: then ε is no guarantee. ``row_users`` (the
+    user of each row) with ``max_rows_per_user`` k makes the unit a user (ULS,
+    :class:`~vaultkern.privacy.user_sampling.UserPoissonSampler`): ``dataset_size`` and
+    ``expected_batch_size`` then count users, and the caller clips each batch's users as
+    groups (``sampler.group_ids``).
     """
     import vaultkern as vk
     if not 0 < expected_batch_size <= dataset_size:
@@ -166,9 +172,19 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
     # empty Poisson batches go through the caller's loop unchanged (noise-only steps)
     vk.patch(model, max_grad_norm=max_grad_norm if thresholds is None else thresholds,
              loss_reduction=loss_reduction, clipping=clipping, allow_empty_batch=True)
-    sampler = None if not poisson_sampling else PoissonBatchSampler(
-        dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
-        seed=dp_seed)  # a key of its own: SHA-256 of the seed under the sampler's domain
+    # the sampler's key is its own: SHA-256 of the seed under the sampler's domain
+    if row_users is not None:
+        if truncated_max_batch is not None or not poisson_sampling:
+            raise ValueError("user-level sampling is plain Poisson over users: no truncation")
+        sampler = UserPoissonSampler(row_users, q, steps, max_rows_per_user, seed=dp_seed,
+                                     secure=secure)
+        if sampler.num_users != dataset_size:
+            raise ValueError(f"dataset_size={dataset_size} but the rows have "
+                             f"{sampler.num_users} users (the units)")
+    else:
+        sampler = None if not poisson_sampling else PoissonBatchSampler(
+            dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
+            seed=dp_seed)
     run = DPRun(model, None, sampler, acct, q, float(noise_multiplier), float(expected_batch_size),
                 int(dataset_size), secure, truncated_max_batch, step_kwargs, float(max_grad_norm),
                 dp_seed, update_reduction)

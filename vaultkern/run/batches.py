@@ -12,10 +12,11 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from vaultkern.core import set_row_mask
+from vaultkern.core import set_group_ids, set_row_mask
 from vaultkern.data import ByteTokenizer, inputs_and_targets
 from vaultkern.models import IGNORE_INDEX
 from vaultkern.privacy.sampling import pad_to_max_batch
+from vaultkern.privacy.user_sampling import group_microbatches
 
 
 class ShuffledBatches:
@@ -63,19 +64,28 @@ def autocast_for(device: torch.device):
 
 def backward_in_microbatches(model, batch: torch.Tensor, real: torch.Tensor, loss_fn: Callable,
                              max_physical_batch_size: int, device: torch.device,
-                             scale: float = 1.0, mask_rows: bool = False) -> Tuple[float, int]:
+                             scale: float = 1.0, mask_rows: bool = False,
+                             groups: Optional[torch.Tensor] = None) -> Tuple[float, int]:
     """``(scale · Σ per-row losses).backward()`` per micro-batch; (loss sum, tokens) of the real rows.
 
     ``mask_rows``: tell the patched model which rows are real before each micro-batch, so
-    padding rows contribute exactly 0 inside the engine. The returned loss (private, for
-    the metrics) leaves out rows whose loss is not finite; the engine drops their gradients."""
+    padding rows contribute exactly 0 inside the engine. ``groups`` (user-level runs: the
+    user of each row, rows grouped by user): micro-batches never split a user, and each
+    user's summed gradient is clipped as one (``vaultkern.set_group_ids``). The returned
+    loss (private, for the metrics) leaves out rows whose loss is not finite; the engine
+    drops their gradients."""
+    m = max_physical_batch_size
+    spans = ([(a, a + m) for a in range(0, len(batch), m)] if groups is None
+             else group_microbatches(groups, m))
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(batch), max_physical_batch_size):
-        chunk = batch[start:start + max_physical_batch_size]
-        chunk_real = real[start:start + max_physical_batch_size].to(device)
+    for start, end in spans:
+        chunk = batch[start:end]
+        chunk_real = real[start:end].to(device)
         inputs, targets = (t.to(device) for t in inputs_and_targets(chunk))
         if mask_rows:
             set_row_mask(model, chunk_real)
+        if groups is not None:
+            set_group_ids(model, groups[start:end].to(device))
         with autocast_for(device):
             logits = model(inputs)
         losses = loss_fn(logits, targets)

@@ -71,11 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "them from os.urandom: the run becomes reproducible and NOT private against "
                         "anyone who knows the seed; the model card says that no formal guarantee "
                         "holds. For experiments only")
+    g.add_argument("--privacy-unit", choices=("sequence", "user"), default="sequence",
+                   help="what the guarantee protects: one training sequence, or one user (all of "
+                        "their records: the built-in records get users, --data needs a .jsonl "
+                        "with a 'user' field)")
+    g.add_argument("--user-sampling", choices=("uls", "els"), default="uls",
+                   help="with --privacy-unit user: 'uls' Poisson-samples users (q = batch_size / "
+                        "number of users) and clips each sampled user's summed gradient; 'els' "
+                        "samples sequences after capping each user's data, and derives the "
+                        "per-user ε by group privacy")
+    g.add_argument("--max-rows-per-user", type=int, default=4,
+                   help="with --privacy-unit user: uls: at most this many of a sampled user's "
+                        "sequences per step (a random subset; must not exceed "
+                        "--max-physical-batch-size); els: at most this many sequences per user in "
+                        "the training data")
+    g.add_argument("--records-per-user", type=float, default=4.0,
+                   help="with --privacy-unit user on the built-in data: mean records per user")
     g.add_argument("--no-dp", action="store_true",
                    help="train without differential privacy (shuffled batches, no clipping or noise)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=64,
-                   help="expected logical batch size (Poisson: q = batch_size / N)")
+                   help="expected logical batch size (Poisson: q = batch_size / N); with "
+                        "--privacy-unit user --user-sampling uls, expected users per step")
     g.add_argument("--max-physical-batch-size", type=int, default=32,
                    help="largest micro-batch run at once; a logical batch is split into micro-batches")
     length = g.add_mutually_exclusive_group()
@@ -134,6 +151,18 @@ def check_args(args) -> None:
                        or args.max_batch_size is not None or args.dp_seed is not None):
         raise ValueError("--no-dp trains without privacy; do not combine it with --epsilon, "
                          "--noise-multiplier, --max-batch-size or --dp-seed")
+    if getattr(args, "privacy_unit", "sequence") == "user":
+        if args.no_dp:
+            raise ValueError("--privacy-unit user needs DP; drop --no-dp")
+        if args.max_rows_per_user < 1:
+            raise ValueError(f"--max-rows-per-user must be >= 1, got {args.max_rows_per_user}")
+        if args.user_sampling == "uls" and args.max_rows_per_user > args.max_physical_batch_size:
+            raise ValueError(f"--max-rows-per-user {args.max_rows_per_user} exceeds "
+                             f"--max-physical-batch-size {args.max_physical_batch_size}: a user's "
+                             "rows must fit in one micro-batch to be clipped together")
+        if args.user_sampling == "uls" and args.max_batch_size is not None:
+            raise ValueError("--max-batch-size (truncated Poisson) is not available with "
+                             "--user-sampling uls (users are Poisson-sampled)")
     if args.force_resume and not args.resume:
         raise ValueError("--force-resume only makes sense with --resume")
 

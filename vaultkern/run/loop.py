@@ -30,12 +30,13 @@ from typing import List, Optional
 import torch
 
 from vaultkern._version import __version__
-from vaultkern.data import ByteTokenizer, PackedCorpus, builtin_corpus, file_corpus
+from vaultkern.data import ByteTokenizer, PackedCorpus, builtin_corpus, builtin_user_corpus, file_corpus
 from vaultkern.model_card import training_card, update_private_report, write_model_card
 from vaultkern.models import Decoder, count_parameters, get_config, make_config, per_sequence_loss
 from vaultkern.run.batches import ShuffledBatches, backward_in_microbatches, logical_batch
 from vaultkern.run.budget import Plan, document_epsilon, make_plan
 from vaultkern.run.cli import check_args
+from vaultkern.run.users import card_entries, user_rows, user_sampling
 from vaultkern.run.rundir import (CHECKPOINT_FORMAT, CKPT_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE,
                                   atomic_save, claim_for_resume, load_checkpoint, plot_metrics,
                                   resolve_device, truncate_metrics)
@@ -60,11 +61,15 @@ def heldout_loss(model, rows: torch.Tensor, device) -> Optional[float]:
 
 
 def build_data(args, seq_len: int) -> PackedCorpus:
-    if args.data is None:
+    by_user = user_sampling(args) is not None
+    if args.data is None and by_user:
+        corpus = builtin_user_corpus(args.num_records, args.seed, args.heldout_fraction,
+                                     records_per_user=args.records_per_user)
+    elif args.data is None:
         corpus = builtin_corpus(args.num_records, args.seed, args.heldout_fraction)
     else:
         corpus = file_corpus(args.data, args.seed, args.heldout_fraction,
-                             (1, 4, 16) if args.plant_canaries else None)
+                             (1, 4, 16) if args.plant_canaries else None, with_users=by_user)
     packed = PackedCorpus.from_corpus(corpus, seq_len)
     if len(packed.train_rows) == 0:
         raise ValueError("the training data packs into 0 sequences")
@@ -117,7 +122,7 @@ class TrainingRun:
                                   "or choose another --out")
         ckpt = load_checkpoint(self.out) if args.resume else None
         self._load_data(ckpt)
-        self.plan = Plan(**ckpt["plan"]) if ckpt else make_plan(args, len(self.rows))
+        self.plan = Plan(**ckpt["plan"]) if ckpt else make_plan(args, self.units)
         if self.plan.budget_note and not ckpt:
             print(f"note: {self.plan.budget_note}")
         self._build_model_and_optimizer(resuming=ckpt is not None)
@@ -147,7 +152,11 @@ class TrainingRun:
         if self.data.seq_len != self.cfg.seq_len:
             raise ValueError(f"data was packed for seq_len {self.data.seq_len} but the model has "
                              f"{self.cfg.seq_len}")
-        self.rows = self.data.train_rows
+        self.rows, self.row_users, self.users = self.data.train_rows, None, None
+        if user_sampling(args):
+            self.users = user_rows(self.data, args)
+            self.rows, self.row_users = self.users.rows, self.users.row_users
+        self.units = self.users.units if self.users else len(self.rows)
 
     def _build_model_and_optimizer(self, resuming: bool) -> None:
         args, plan = self.args, self.plan
@@ -169,11 +178,13 @@ class TrainingRun:
         # Knowing the noise removes it, and knowing the sampler's draws removes the amplification
         # by sampling: by default both are keyed from os.urandom (a release run). --dp-seed
         # makes them reproducible, and the card then says that no formal guarantee holds.
-        run = assemble(self.model, self.optimizer, dataset_size=len(self.rows),
+        run = assemble(self.model, self.optimizer, dataset_size=self.units,
                        expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
                        steps=plan.steps, noise_multiplier=plan.noise_multiplier,
                        dp_seed=args.dp_seed, accountant=args.accountant,
-                       truncated_max_batch=plan.max_batch_size)
+                       truncated_max_batch=plan.max_batch_size, row_users=self.row_users,
+                       max_rows_per_user=args.max_rows_per_user if self.row_users is not None
+                       else None)
         self.stepper, self.sampler, self.accountant = run.optimizer, run.sampler, run.accountant
 
     def _restore(self, ckpt: dict) -> None:
@@ -231,9 +242,10 @@ class TrainingRun:
         batch, real = logical_batch(self.rows, indices, plan.max_batch_size)
         # DP: the per-sequence sum (the DPOptimizer divides by B̄); non-DP: the mean token loss
         scale = 1.0 if plan.dp else 1.0 / (args.batch_size * self.cfg.seq_len)
+        groups = self.sampler.group_ids(indices) if self.row_users is not None else None
         return backward_in_microbatches(
             self.model, batch, real, per_sequence_loss, args.max_physical_batch_size, self.device,
-            scale, mask_rows=plan.max_batch_size is not None)
+            scale, mask_rows=plan.max_batch_size is not None, groups=groups)
 
     def update(self) -> None:
         """The optimizer step (DP: noise once, also for an empty batch)."""
@@ -313,12 +325,19 @@ class TrainingRun:
         if plan.dp and plan.target_epsilon is not None and eps > plan.target_epsilon * (1 + 1e-9):
             raise RuntimeError(f"ε={eps} exceeds the target {plan.target_epsilon}: this is a bug; "
                                "do not release this model")
-        doc_eps = document_epsilon(plan, self.step, self.data.max_rows_per_document)
+        mode = user_sampling(self.args)
+        # ULS: the unit (a user) already covers whole documents; ELS: ε for a user's k rows
+        doc_eps = None if mode == "uls" else document_epsilon(
+            plan, self.step, self.data.max_rows_per_document)
+        user = None if mode is None else card_entries(
+            mode, self.users, self.cfg.seq_len, None if mode == "uls" else document_epsilon(
+                plan, self.step, self.users.max_rows_per_user), plan.delta)
         final_heldout = heldout_loss(self.model, self.data.heldout_rows, self.device)
         atomic_save({"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                      "vaultkern_version": __version__}, os.path.join(out, MODEL_FILE))
         plot_metrics(out)
         run = {"status": status, "steps": self.step, "epsilon": eps, "document_epsilon": doc_eps,
+               "user_level": user,
                "resumes": self.resumes, "device": str(self.device)}
         card = training_card(self.args, self.cfg, count_parameters(self.model), self.data,
                              asdict(plan), run)
