@@ -179,3 +179,67 @@ def test_bf16_and_gradient_checkpointing_run(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert not math.isnan(trainer.get_epsilon())
     assert os.path.isdir(tmp_path)
+
+
+def test_user_level_steps_equal_the_same_steps_by_hand(tmp_path):
+    """user_ids + max_rows_per_user: ULS over users (q = B̄/U), each user's summed gradient
+    clipped as one; σ = 0 and a fixed seed give the weights of the same steps by hand
+    (UserPoissonSampler + vk.set_group_ids + DPOptimizer ÷ B̄ users), and ε is dp-accounting's
+    for the user-level event."""
+    from vaultkern.privacy.user_sampling import UserPoissonSampler, group_microbatches
+    data = dataset()
+    users = [i % 9 for i in range(N)]  # 9 users of 3-4 examples each
+
+    def sgd(model):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model = make("llama", dtype=torch.float64)
+    trainer = DPTrainer(model=model, args=targs(tmp_path, max_steps=3, per_device_train_batch_size=4,
+                                                gradient_accumulation_steps=1),
+                        train_dataset=data, data_collator=collate, noise_multiplier=0.0,
+                        target_delta=1e-3, max_grad_norm=0.5, dp_seed=7, optimizers=sgd(model),
+                        user_ids=users, max_rows_per_user=2)
+    quiet(trainer.train)
+    assert trainer.dp.sample_rate == pytest.approx(4 / 9) and trainer.dp.dataset_size == 9
+
+    ref = make("llama", dtype=torch.float64)
+    vk.patch(ref, max_grad_norm=0.5, loss_reduction="sum", allow_empty_batch=True)
+    opt = vk.DPOptimizer(sgd(ref)[0], noise_multiplier=0.0, max_grad_norm=0.5,
+                         expected_batch_size=4, loss_reduction="mean", seed=7)
+    sampler = UserPoissonSampler(users, 4 / 9, 3, max_rows_per_user=2, seed=7)
+    grouped = 0
+    for indices in sampler:
+        groups = sampler.group_ids(indices)
+        grouped += len(groups) - len(set(groups.tolist()))  # rows sharing a user's clip
+        for a, b in group_microbatches(groups, 4):
+            vk.set_group_ids(ref, groups[a:b])
+            per_example_lm_loss(ref, collate([data[i] for i in indices[a:b]])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert grouped > 0
+    for (n, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        assert rel(p, r) <= 1e-6, n
+    from vaultkern.hf.card import trainer_card
+    card = trainer_card(trainer)
+    assert card["privacy"]["privacy_unit"].startswith("one user")
+    assert card["privacy"]["neighbouring_datasets"].startswith("add or remove one user")
+
+
+def test_user_level_epsilon_is_the_user_level_event(tmp_path):
+    users = [f"patient-{i // 3}" for i in range(N)]  # 10 users
+    trainer = DPTrainer(model=make("llama", dtype=torch.float32),
+                        args=targs(tmp_path, per_device_train_batch_size=3),
+                        train_dataset=dataset(), data_collator=collate, noise_multiplier=1.2,
+                        target_delta=1e-3, user_ids=users, max_rows_per_user=3)
+    quiet(trainer.train)
+    q = 6 / 10
+    assert trainer.dp.sample_rate == pytest.approx(q)
+    want = eps_dp_accounting(q, 1.2, 4, 1e-3)
+    assert abs(trainer.get_epsilon() - want) / want < 0.01
+    with pytest.raises(ValueError, match="both user_ids"):
+        DPTrainer(model=make("llama"), args=targs(tmp_path), train_dataset=dataset(),
+                  data_collator=collate, noise_multiplier=1.0, target_delta=1e-3, user_ids=users)
+    with pytest.raises(ValueError, match="exceeds per_device_train_batch_size"):
+        DPTrainer(model=make("llama"), args=targs(tmp_path), train_dataset=dataset(),
+                  data_collator=collate, noise_multiplier=1.0, target_delta=1e-3, user_ids=users,
+                  max_rows_per_user=5)

@@ -29,6 +29,7 @@ def trainer_card(trainer) -> dict:
         "the noise and the Poisson sampling were seeded (dp_seed): whoever knows the seed can "
         "remove the noise."]
     config = getattr(trainer.model, "config", None)
+    users = getattr(dp.sampler, "max_rows_per_user", None)  # ULS: the units are users
     card = {
         "name": getattr(config, "name_or_path", None) or type(trainer.model).__name__,
         "vaultkern_version": __version__,
@@ -36,12 +37,20 @@ def trainer_card(trainer) -> dict:
             "differentially_private": True, "formal_guarantee": dp.formal_guarantee,
             "caveats": caveats, "epsilon": trainer.get_epsilon(), "delta": trainer.dp_delta,
             "target_epsilon": trainer.dp_target_epsilon,
-            "privacy_unit": (row_privacy_unit(data["seq_len"], k) if k else
-                             "one training example (one row of the training dataset)"),
+            "privacy_unit": (
+                f"one user (all of their examples; at most {users} used per step)" if users else
+                row_privacy_unit(data["seq_len"], k) if k else
+                "one training example (one row of the training dataset)"),
+            "neighbouring_datasets": ("add or remove one user (all of their examples)" if users
+                                      else "add or remove one example"),
             "max_grad_norm": dp.max_grad_norm, "noise_multiplier": dp.noise_multiplier,
             "sample_rate": dp.sample_rate, "expected_batch_size": dp.expected_batch_size,
-            "dataset_size": dp.dataset_size, "dataset_size_note": "N is treated as public",
-            "sampling": "Poisson (each example independently with probability q per step)",
+            "dataset_size": dp.dataset_size,
+            "dataset_size_note": f"N ({'users' if users else 'examples'}) is treated as public",
+            "sampling": (f"Poisson over users (ULS): each user with probability q per step, at "
+                         f"most {users} of its examples (a random subset), their summed gradient "
+                         "clipped to C as one" if users else
+                         "Poisson (each example independently with probability q per step)"),
             "steps": steps, "accountant": dp.accountant.kind,
             "randomness": "os.urandom (ChaCha20 noise, secure sampling)" if dp.secure
                           else "seeded (dp_seed): not private against whoever knows the seed",
@@ -55,7 +64,7 @@ def trainer_card(trainer) -> dict:
                                         if p.requires_grad),
         },
     }
-    if k:
+    if k and not users:
         card["privacy"]["document_level"] = _document_level(trainer, steps, k)
     if data:
         card["data"] = data
@@ -68,7 +77,7 @@ def render(card: dict) -> str:
     out = [f"# Model card: {card['name']}", "",
            f"Fine-tuned with DP-SGD by vaultkern {card['vaultkern_version']} (`DPTrainer`): "
            f"**(ε = {p['epsilon']:.3g}, δ = {p['delta']:.3g})-DP** with respect to "
-           f"**{p['privacy_unit']}** (add/remove one example).", ""]
+           f"**{p['privacy_unit']}** ({p['neighbouring_datasets']}).", ""]
     if not p["formal_guarantee"]:
         out += [f"**{NO_FORMAL_GUARANTEE}:** " + " ".join(p["caveats"]), ""]
     rows = [("ε (epsilon)", p["epsilon"]), ("δ (delta)", p["delta"]),

@@ -21,38 +21,64 @@ What changes against a plain Trainer (the DP pieces come from
 * σ is calibrated from (ε, δ) and the planned steps, or given; training stops when
   the budget is spent; ε is logged; the accountant, sampler and DP step live in every
   checkpoint and come back with ``resume_from_checkpoint``; ``save_model`` writes a
-  model card beside the weights.
+  model card beside the weights;
+* ``user_ids=`` (the user of each example) with ``max_rows_per_user=k``: user-level DP
+  (ULS, :mod:`vaultkern.privacy.user_sampling`): users are Poisson-sampled at q = B̄/U,
+  at most k examples each, and each user's summed gradient is clipped as one.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from vaultkern.core import set_group_ids
 from vaultkern.hf.card import write_trainer_card
 from vaultkern.privacy.assembly import assemble, check_delta, steps_per_epoch
 from vaultkern.privacy.optimizer import DPOptimizer
+from vaultkern.privacy.user_sampling import UserPoissonSampler, group_microbatches
 
 DP_STATE_FILE = "vaultkern_dp.pt"
 
 
 class LogicalBatch(list):
-    """One logical (Poisson-sampled) batch: a list of collated physical micro-batches."""
+    """One logical (Poisson-sampled) batch: a list of collated physical micro-batches, and
+    for user-level runs the clipping group (user) of each micro-batch's rows."""
 
     rows = 0
+    groups: List[Optional[torch.Tensor]] = []
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(index, item): the collate function learns which examples it got (their users)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
 
 
 class _SplitCollate:
-    def __init__(self, collate, max_rows: int):
-        self.collate, self.max_rows = collate, max_rows
+    def __init__(self, collate, max_rows: int, sampler):
+        self.collate, self.max_rows, self.sampler = collate, max_rows, sampler
 
-    def __call__(self, items: List[Any]) -> LogicalBatch:
-        batch = LogicalBatch(self.collate(items[i:i + self.max_rows])
-                             for i in range(0, len(items), self.max_rows))
+    def __call__(self, pairs: List[Any]) -> LogicalBatch:
+        indices, items = [i for i, _ in pairs], [x for _, x in pairs]
+        if isinstance(self.sampler, UserPoissonSampler):  # users never straddle micro-batches
+            groups = self.sampler.group_ids(indices)
+            spans = group_microbatches(groups, self.max_rows)
+        else:
+            groups, spans = None, [(a, a + self.max_rows) for a in range(0, len(items), self.max_rows)]
+        batch = LogicalBatch(self.collate(items[a:b]) for a, b in spans)
+        batch.groups = [None if groups is None else groups[a:b] for a, b in spans]
         batch.rows = len(items)
         return batch
 
@@ -73,7 +99,9 @@ class DPTrainer(Trainer):
     def __init__(self, *args, target_epsilon: Optional[float] = None,
                  target_delta: Optional[float] = None, noise_multiplier: Optional[float] = None,
                  max_grad_norm: float = 1.0, dp_seed: Optional[int] = None,
-                 accountant: str = "pld", card_data: Optional[dict] = None, **kwargs):
+                 accountant: str = "pld", card_data: Optional[dict] = None,
+                 user_ids: Optional[Sequence] = None, max_rows_per_user: Optional[int] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         # public facts about the data for the card; with seq_len and max_rows_per_document
         # (k: the most rows one document spans) it states the row unit and a document-level ε
@@ -88,6 +116,17 @@ class DPTrainer(Trainer):
         if target_delta is None:
             raise ValueError("DPTrainer needs target_delta (δ of the reported guarantee)")
         n = len(self.train_dataset)
+        if (user_ids is None) != (max_rows_per_user is None):
+            raise ValueError("user-level DP needs both user_ids (the user of each training "
+                             "example) and max_rows_per_user (k)")
+        if user_ids is not None:
+            if len(user_ids) != n:
+                raise ValueError(f"user_ids has {len(user_ids)} entries for {n} examples")
+            if max_rows_per_user > targs.per_device_train_batch_size:
+                raise ValueError(f"max_rows_per_user={max_rows_per_user} exceeds "
+                                 f"per_device_train_batch_size={targs.per_device_train_batch_size}: "
+                                 "a user's rows must fit in one micro-batch to be clipped together")
+            n = len(set(user_ids))  # the units are users: q = B̄/U
         check_delta(target_delta, n)
         self.dp_physical_batch = targs.per_device_train_batch_size
         self.dp_expected_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps
@@ -101,7 +140,9 @@ class DPTrainer(Trainer):
                            expected_batch_size=self.dp_expected_batch, max_grad_norm=max_grad_norm,
                            steps=planned, noise_multiplier=noise_multiplier,
                            target_epsilon=target_epsilon if noise_multiplier is None else None,
-                           target_delta=target_delta, dp_seed=dp_seed, accountant=accountant)
+                           target_delta=target_delta, dp_seed=dp_seed, accountant=accountant,
+                           row_users=None if user_ids is None else list(user_ids),
+                           max_rows_per_user=max_rows_per_user)
         self.noise_multiplier = self.dp.noise_multiplier
         self.dp_budget_steps = planned
         if target_epsilon is not None and noise_multiplier is not None:  # stop when spent
@@ -132,8 +173,8 @@ class DPTrainer(Trainer):
         if hasattr(self, "_remove_unused_columns") and hasattr(dataset, "column_names"):
             dataset = self._remove_unused_columns(dataset, description="training")
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.dp.sampler,
-            collate_fn=_SplitCollate(self.data_collator, self.dp_physical_batch),
+            _Indexed(dataset), batch_sampler=self.dp.sampler,
+            collate_fn=_SplitCollate(self.data_collator, self.dp_physical_batch, self.dp.sampler),
             num_workers=0)  # prefetching workers would run the sampler ahead of its saved state
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -148,7 +189,9 @@ class DPTrainer(Trainer):
     def training_step(self, model, inputs: LogicalBatch, num_items_in_batch=None):
         model.train()
         total = torch.zeros((), device=self.args.device)
-        for micro in inputs:  # clipped sums accumulate in p.grad; one noisy step follows
+        for micro, groups in zip(inputs, inputs.groups):  # clipped sums accumulate in p.grad
+            if groups is not None:  # user-level: each user's summed gradient is clipped
+                set_group_ids(self.dp.model, groups.to(self.args.device))
             micro = self._prepare_inputs(micro)
             with self.compute_loss_context_manager():
                 losses = per_example_lm_loss(model, micro)
