@@ -3,7 +3,6 @@
 Spawns 2 gloo ranks on 127.0.0.1; each trains a patched TinyDecoder wrapped in
 DistributedDataParallel on its half of a global batch and writes what it saw to OUT.rankN.
 """
-import copy
 import os
 import sys
 
@@ -46,6 +45,32 @@ def train(m, sigma, rank, world, steps, accumulate=False, seed=None, secure=Fals
     return {n.replace("module.", ""): p.detach().clone() for n, p in m.named_parameters()}
 
 
+def engine_run(sigma, world, steps=3, per_rank_batch=4):
+    """PrivacyEngine on the whole dataset (every rank the same loader), then DDP: each rank
+    trains on its share of one global Poisson batch of expected size world·per_rank_batch."""
+    from torch.utils.data import DataLoader
+    m = model()
+    m, opt, loader = vk.PrivacyEngine().make_private(
+        module=m, optimizer=torch.optim.SGD(m.parameters(), lr=LR),
+        data_loader=DataLoader(ENGINE_DATA, batch_size=per_rank_batch), noise_multiplier=sigma,
+        max_grad_norm=C, seed=123)
+    ddp = nn.parallel.DistributedDataParallel(m) if world > 1 else m
+    def forever():  # passes of different lengths (4 vs 2 batches): the draws continue
+        while True:
+            yield from loader
+    seen, it = [], forever()
+    for _ in range(steps):  # every rank runs forward/backward, even on an empty share
+        rows = next(it)
+        seen.append(rows.clone())
+        lm_loss(ddp, (rows,)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": {n: p.detach().clone() for n, p in m.named_parameters()}, "rows": seen}
+
+
+ENGINE_DATA = list(torch.randint(0, 29, (16, 9), generator=torch.Generator().manual_seed(7)))
+
+
 def worker(rank, world, scenario, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -64,6 +89,11 @@ def worker(rank, world, scenario, port, out):
             noisy = train(nn.parallel.DistributedDataParallel(vk.patch(model(), max_grad_norm=C)),
                           1.0, rank, world, 1, secure=scenario == "secure")
             result = {"base": base, "noisy": noisy}
+        elif scenario == "engine":
+            result = {"secure": train(nn.parallel.DistributedDataParallel(
+                          vk.patch(model(), max_grad_norm=C)), 1.0, rank, world, 1, secure=True)}
+            for sigma in (0.0, 1.0):
+                result[sigma] = engine_run(sigma, world)
         elif scenario == "refusals":
             errors = []
             for kw in ({"find_unused_parameters": True}, {"static_graph": True}):
@@ -89,17 +119,13 @@ def worker(rank, world, scenario, port, out):
                 vk.patch(sharded_first)
             except vk.UnsupportedModuleError as exc:
                 errors.append(str(exc))
-            try:  # each rank would draw its own key
-                train(model(), 1.0, rank, world, 1, secure=True)
-            except NotImplementedError as exc:
-                errors.append(str(exc))
-            try:  # each rank would sample the whole dataset
+            try:  # not implemented for several ranks
                 from torch.utils.data import DataLoader
                 pm = model()
                 vk.PrivacyEngine().make_private(
                     module=pm, optimizer=torch.optim.SGD(pm.parameters(), lr=LR),
                     data_loader=DataLoader(list(data(0)), batch_size=2), noise_multiplier=1.0,
-                    max_grad_norm=C)
+                    max_grad_norm=C, poisson_sampling=True, truncated_max_batch=4)
             except NotImplementedError as exc:
                 errors.append(str(exc))
             result = {"errors": errors}

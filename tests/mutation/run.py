@@ -76,7 +76,8 @@ MUTANTS = [
            [ACCOUNTS_ONE_OVER_STEPS], ENGINE_TESTS),
     Mutant("engine-calibrates-q", "make_private_with_epsilon calibrates σ for q = 1/len(loader)",
            [Edit(("vaultkern/privacy/engine.py",),
-                 r"sample_rate = expected_batch_size_of\(data_loader\) / len\(data_loader\.dataset\)$",
+                 r"sample_rate = expected_batch_size_of\(data_loader\) \* world_size\(\) / "
+                 r"len\(data_loader\.dataset\)$",
                  "sample_rate = 1.0 / len(data_loader)")],
            ENGINE_TESTS),
     Mutant("engine-truncated-as-poisson", "engine accounts truncated Poisson as plain Poisson",

@@ -33,6 +33,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """Ranks of the default process group (1 when not running distributed)."""
+    if not is_distributed():
+        return 1
+    import torch.distributed as dist
+    return dist.get_world_size()
+
+
 def shared_random_seed() -> int:
     """A 256-bit seed from os.urandom (the noise's master key is SHA-256 of it: a full
     ChaCha20 key), rank 0's on every rank when running distributed, so that replicas draw

@@ -25,7 +25,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from vaultkern.core.distributed import is_distributed
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
+from vaultkern.privacy.distributed_sampling import DistributedPoissonBatchSampler
 from vaultkern.privacy.optimizer import DPOptimizer
 from vaultkern.privacy.sampling import PoissonBatchSampler
 from vaultkern.privacy.user_sampling import UserPoissonSampler
@@ -181,6 +183,12 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
         if sampler.num_users != dataset_size:
             raise ValueError(f"dataset_size={dataset_size} but the rows have "
                              f"{sampler.num_users} users (the units)")
+    elif poisson_sampling and is_distributed():  # every rank its share of one global batch
+        if truncated_max_batch is not None:
+            raise NotImplementedError("truncated Poisson sampling under torch.distributed is not "
+                                      "implemented; use plain Poisson sampling")
+        sampler = DistributedPoissonBatchSampler(dataset_size, q, steps, seed=dp_seed,
+                                                 secure=secure)
     else:
         sampler = None if not poisson_sampling else PoissonBatchSampler(
             dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,

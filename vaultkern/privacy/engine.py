@@ -24,6 +24,11 @@ What ``make_private`` does:
 * every noised ``optimizer.step()`` records one step (σ, q) in the engine's
   accountant, so ε grows as training goes.
 
+Under torch.distributed (DDP) every rank passes the same loader over the whole dataset
+with its per-rank batch size b: the ranks share one global Poisson batch (q = W·b/N, one
+ChaCha20 key; :mod:`vaultkern.privacy.distributed_sampling`), each trains on its share, and
+B̄ = W·b. Wrap the returned module in DistributedDataParallel.
+
 Shuffle-and-chunk loaders are not Poisson sampling and ε computed as if they
 were is not a valid guarantee (Chua et al. 2024); ``poisson_sampling=False``
 therefore needs ``allow_non_poisson=True`` and warns loudly.
@@ -44,7 +49,7 @@ from torch.utils.data import DataLoader
 from vaultkern.privacy import opacus_compat as compat
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.privacy.assembly import assemble
-from vaultkern.core.distributed import is_distributed, shared_random_seed
+from vaultkern.core.distributed import shared_random_seed, world_size
 from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
 from vaultkern.privacy.sampling import (
     MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
@@ -187,14 +192,11 @@ class PrivacyEngine:
         if again and not any(m is module for m in self._private_modules):
             raise RuntimeError("the module is already patched (vk.patch or another "
                                "PrivacyEngine); pass the model before patching")
-        if is_distributed() and poisson_sampling:
-            raise NotImplementedError(
-                "PrivacyEngine.make_private under torch.distributed: every rank would Poisson-"
-                "sample the whole dataset, so one example could join two ranks' batches in one "
-                "step (sensitivity 2C) while the accountant charges q. A distributed Poisson "
-                "sampler is not implemented yet: give each rank a disjoint shard, sample it with "
-                "vaultkern.privacy.PoissonBatchSampler at q = B/N, and use vk.patch + DDP + "
-                "DPOptimizer(expected_batch_size=global B) as in tests/distributed_worker.py.")
+        world = world_size()
+        if world > 1:
+            if truncated_max_batch is not None:
+                raise NotImplementedError("truncated_max_batch under torch.distributed is not "
+                                          "implemented; use plain Poisson sampling")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader)}")
         module_params = {id(p) for p in module.parameters()}
@@ -213,7 +215,9 @@ class PrivacyEngine:
             raise ValueError("truncated_max_batch needs poisson_sampling=True")
 
         dataset_size = len(data_loader.dataset)
-        expected_batch = expected_batch_size_of(data_loader)
+        # under torch.distributed each rank's loader holds the whole dataset and B̄ per rank:
+        # the ranks share one global Poisson batch of expected size W·B̄ (q = W·B̄/N)
+        expected_batch = expected_batch_size_of(data_loader) * world
         if not poisson_sampling:
             if not allow_non_poisson:
                 raise ValueError(
@@ -278,7 +282,7 @@ class PrivacyEngine:
                           UserWarning, stacklevel=2)
         self._warn_delta(target_delta, len(data_loader.dataset))
         if kwargs.get("poisson_sampling", True):
-            sample_rate = expected_batch_size_of(data_loader) / len(data_loader.dataset)
+            sample_rate = expected_batch_size_of(data_loader) * world_size() / len(data_loader.dataset)
         else:
             sample_rate = 1.0 / len(data_loader)
         truncated = kwargs.get("truncated_max_batch")

@@ -27,7 +27,8 @@ expected size B̄, so it does not.)
   a resumed run draws the same noise as an uninterrupted one.
 * ``secure_mode=True``: ξ from the ChaCha20 generator of the compiled
   extension, keyed from ``os.urandom`` per call; there is no seed (passing one
-  is an error).
+  is an error). Under torch.distributed the key is drawn once on rank 0 and
+  broadcast (every replica must add the same ξ), and never saved.
 * Before anything is modified, every gradient is checked for NaN/inf; a
   non-finite gradient raises and leaves grads, params and counters unchanged.
 * Micro-batches: ``signal_skip_step(do_skip=True)`` makes the next ``step()``
@@ -99,14 +100,14 @@ class DPOptimizer(Optimizer):
                                     else float(expected_batch_size))
         self.loss_reduction = loss_reduction
         self.secure_mode = bool(secure_mode)
-        if self.secure_mode and is_distributed():
-            raise NotImplementedError(
-                "secure_mode=True under torch.distributed: each rank would draw its own "
-                "os.urandom key and the replicas would diverge; sharing the key across ranks is "
-                "not implemented yet. Use secure_mode=False (the seed is drawn on rank 0 and "
-                "broadcast) or one process.")
         # without a seed, rank 0's random seed on every rank: replicas draw the same noise
         self.seed = None if secure_mode else (int(seed) if seed is not None else shared_random_seed())
+        # secure_mode across ranks: the replicas must add the same ξ, so rank 0 draws one
+        # 256-bit key from os.urandom and broadcasts it once over the process group; the noise
+        # is then the stream of that key (as reproducible noise is of its seed's), and the key
+        # is never saved (a resumed run gets a new one). One process: a fresh key every call.
+        self._secure_key_seed = shared_random_seed() if self.secure_mode and is_distributed() \
+            else None
         self.steps_taken = 0  # logical (noised) steps so far
         self.step_hook: Optional[Callable[["DPOptimizer"], None]] = None
         self._skip_next_step = False
@@ -231,7 +232,7 @@ class DPOptimizer(Optimizer):
         grads = [p.grad for p in params]
         if std == 0.0:
             torch._foreach_mul_(grads, scale)
-        elif self.secure_mode:
+        elif self.secure_mode and self._secure_key_seed is None:
             for g in grads:
                 g.copy_(secure_noisy_scale(g, std, scale))
         else:
@@ -239,8 +240,8 @@ class DPOptimizer(Optimizer):
             for p in params:
                 offsets.append(offset)
                 offset += p.numel()
-            noisy_scale_many(grads, std, scale, seed=self.seed, step=self.steps_taken,
-                             offsets=offsets)
+            seed = self.seed if self._secure_key_seed is None else self._secure_key_seed
+            noisy_scale_many(grads, std, scale, seed=seed, step=self.steps_taken, offsets=offsets)
 
     def pre_step(self) -> bool:
         """Noise and scale the grads; False when this step is a skipped micro-step."""

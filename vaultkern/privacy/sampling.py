@@ -325,7 +325,8 @@ def make_poisson_loader(data_loader: DataLoader, seed: Optional[int] = None,
     if num_samples == 0:
         raise ValueError("the data loader's dataset is empty")
     expected = expected_batch_size_of(data_loader)
-    sample_rate = expected / num_samples
+    # a distributed sampler's batch is global: each rank's loader holds 1/W of it
+    sample_rate = expected * getattr(sampler, "world_size", 1) / num_samples
     if sample_rate > 1.0:
         raise ValueError(f"batch size {expected} exceeds the dataset size {num_samples}")
     if truncated_poisson:
