@@ -43,3 +43,15 @@ def test_delta_above_one_over_n_is_refused(capsys):
     rc = plan.main(["--epsilon", "4", "--delta", "0.01", "--dataset-size", "500",
                     "--batch-size", "10", "--epochs", "1"])
     assert rc == 2 and "1/N" in capsys.readouterr().err
+
+
+def test_the_demo_private_run_follows_the_planner():
+    """make demo: the private run takes the planner's batch × steps for the demo's data at the
+    non-private run's compute: a larger batch, fewer steps, at least the floor of 100."""
+    from vaultkern.run.demo import (DEMO_COMMON, DEMO_EPSILON, DEMO_NON_PRIVATE,
+                                    DEMO_PRIVATE_MIN_STEPS, planned_private_settings)
+    private = planned_private_settings(DEMO_COMMON, DEMO_NON_PRIVATE, DEMO_EPSILON)
+    budget = DEMO_NON_PRIVATE["batch_size"] * DEMO_NON_PRIVATE["steps"]
+    assert private["batch_size"] * private["steps"] <= budget
+    assert private["steps"] >= DEMO_PRIVATE_MIN_STEPS
+    assert private["batch_size"] > DEMO_NON_PRIVATE["batch_size"]

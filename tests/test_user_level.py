@@ -187,3 +187,51 @@ def test_user_level_refusals(tmp_path, config):
     text.write_text("one\n\ntwo\n\nthree")
     with pytest.raises(ValueError, match="'user' field"):
         run(tmp_path / "c", config, "--privacy-unit", "user", "--data", str(text))
+
+
+@pytest.mark.parametrize("physical", [None, 4])
+def test_privacy_engine_user_level_step_is_the_per_user_clipped_sum(physical):
+    """make_private(user_ids=, max_rows_per_user=): σ = 0, SGD(lr=1), a mean loss (Opacus
+    style): the update is Σ_u clip_u Σ_{i∈u} g_i / B̄ (B̄ = expected users per step), the
+    users' rows never straddle micro-batches, and ε is the user-level event's."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from oracle import TinyDecoder, lm_loss
+    torch.manual_seed(0)
+    users = [i % 5 for i in range(20)]  # 5 users of 4 examples
+    ids = torch.randint(0, 29, (20, 7))
+    model = TinyDecoder(tied=True).double()
+    reference = TinyDecoder(tied=True).double()
+    reference.load_state_dict(model.state_dict())
+    engine = vk.PrivacyEngine(accountant="pld")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(ids), batch_size=3), noise_multiplier=0.0,
+        max_grad_norm=130.0, seed=2, user_ids=users, max_rows_per_user=3,
+        max_physical_batch_size=physical)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    used = []
+    for (rows,) in loader:
+        used.append(rows)
+        if len(rows):
+            lm_loss(model, (rows,)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.steps_taken == 1:
+            break
+    rows = torch.cat(used)
+    row_of = {tuple(r.tolist()): i for i, r in enumerate(ids)}
+    groups = [users[row_of[tuple(r.tolist())]] for r in rows]
+    assert len(set(groups)) >= 2 and len(groups) > len(set(groups))
+    grads = per_example_grads(reference, (rows,), lm_loss)
+    per_user = {}
+    for g_i, u in zip(grads, groups):
+        acc = per_user.setdefault(u, {n: torch.zeros_like(g) for n, g in g_i.items()})
+        for n, g in g_i.items():
+            acc[n] += g
+    norms = {u: math.sqrt(sum(float(g.square().sum()) for g in G.values())) for u, G in per_user.items()}
+    for n, p in model.named_parameters():
+        want = sum(min(1.0, 130.0 / (norms[u] + 1e-6)) * G[n] for u, G in per_user.items()) / 3
+        torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-6, atol=1e-10)
+    # C = 130 lies among the users' norms (118-154 here): some clipped, some not
+    assert any(v > 130 * 1.01 for v in norms.values()) and any(v < 130 * 0.99 for v in norms.values())
+    assert engine.sample_rate == pytest.approx(3 / 5) and engine.accountant.total_steps == 1

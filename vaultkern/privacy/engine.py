@@ -40,7 +40,7 @@ wrap_model, per-layer clipping, checkpoints, module validation) is mapped in
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -133,6 +133,7 @@ class PrivacyEngine:
                      grad_sample_mode: str = "hooks", wrap_model: bool = True,
                      rand_on_empty: bool = False, max_physical_batch_size: Optional[int] = None,
                      allow_non_poisson: bool = False, truncated_max_batch: Optional[int] = None,
+                     user_ids: Optional[Sequence] = None, max_rows_per_user: Optional[int] = None,
                      seed: Optional[int] = None) -> tuple:
         """Return (module, DPOptimizer, Poisson data loader); with a "ghost" grad_sample_mode
         (module, DPOptimizer, criterion, loader), as Opacus.
@@ -158,6 +159,12 @@ class PrivacyEngine:
                 (PLD accountant only).
             seed: seed of the sampler and of the noise (non-secure mode);
                 None draws one from os.urandom.
+            user_ids, max_rows_per_user: user-level DP (vaultkern's, not Opacus'):
+                ``user_ids[i]`` is the user of dataset example i; each step Poisson-samples
+                users at q = B̄/U (B̄ = the loader's batch size, in users), at most k =
+                ``max_rows_per_user`` examples each, and each user's summed gradient is
+                clipped as one (the loader sets ``vk.set_group_ids`` for every batch it
+                yields; a user's rows never straddle micro-batches). ε is per user.
 
         The same engine may make a model private again (e.g. with a new optimizer): the
         earlier optimizer of that model then refuses to step, and every step of either
@@ -213,8 +220,17 @@ class PrivacyEngine:
         ModuleValidator.validate(module, strict=True)
         if truncated_max_batch is not None and not poisson_sampling:
             raise ValueError("truncated_max_batch needs poisson_sampling=True")
+        if (user_ids is None) != (max_rows_per_user is None):
+            raise ValueError("user-level DP needs both user_ids and max_rows_per_user")
+        if user_ids is not None and (world > 1 or not poisson_sampling
+                                     or truncated_max_batch is not None):
+            raise NotImplementedError("user_ids: user-level sampling is plain Poisson over "
+                                      "users, on one process")
+        if user_ids is not None and len(user_ids) != len(data_loader.dataset):
+            raise ValueError(f"user_ids has {len(user_ids)} entries for "
+                             f"{len(data_loader.dataset)} examples")
 
-        dataset_size = len(data_loader.dataset)
+        dataset_size = len(data_loader.dataset) if user_ids is None else len(set(user_ids))
         # under torch.distributed each rank's loader holds the whole dataset and B̄ per rank:
         # the ranks share one global Poisson batch of expected size W·B̄ (q = W·B̄/N)
         expected_batch = expected_batch_size_of(data_loader) * world
@@ -242,7 +258,9 @@ class PrivacyEngine:
                        secure=self.secure_mode, accountant=self.accountant,
                        truncated_max_batch=truncated_max_batch, poisson_sampling=poisson_sampling,
                        clipping=clipping, thresholds=thresholds, loss_reduction=loss_reduction,
-                       update_reduction=loss_reduction)
+                       update_reduction=loss_reduction,
+                       row_users=None if user_ids is None else list(user_ids),
+                       max_rows_per_user=max_rows_per_user)
         dp_optimizer, sample_rate = run.optimizer, run.sample_rate
         loader = data_loader
         if poisson_sampling:
@@ -250,7 +268,10 @@ class PrivacyEngine:
                                          truncated_poisson=truncated_max_batch is not None,
                                          max_batch_size=truncated_max_batch)
 
-        if max_physical_batch_size is not None:
+        if user_ids is not None:  # every (micro-)batch comes with its users' group ids
+            loader = MicroBatchLoader(loader, max_physical_batch_size or len(data_loader.dataset),
+                                      dp_optimizer, module=module)
+        elif max_physical_batch_size is not None:
             loader = MicroBatchLoader(loader, max_physical_batch_size, dp_optimizer)
         else:
             loader = StepCheckedLoader(loader, dp_optimizer)
@@ -285,6 +306,8 @@ class PrivacyEngine:
             sample_rate = expected_batch_size_of(data_loader) * world_size() / len(data_loader.dataset)
         else:
             sample_rate = 1.0 / len(data_loader)
+        if kwargs.get("user_ids") is not None:  # the units are users (q = B̄/U)
+            sample_rate = expected_batch_size_of(data_loader) / len(set(kwargs["user_ids"]))
         truncated = kwargs.get("truncated_max_batch")
         sigma = calibrate_noise_multiplier(
             target_epsilon, target_delta, sample_rate, int(epochs) * len(data_loader),

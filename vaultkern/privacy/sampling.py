@@ -340,6 +340,13 @@ def make_poisson_loader(data_loader: DataLoader, seed: Optional[int] = None,
         raise ValueError(
             f"max_batch_size={max_batch_size} is only used with truncated_poisson=True")
     cap = max_batch_size if truncated_poisson else None
+    row_users = getattr(sampler, "row_users", None)  # user-level: the units are users
+    if row_users is not None:
+        if len(row_users) != num_samples:
+            raise ValueError(f"the user sampler has {len(row_users)} rows, the dataset "
+                             f"{num_samples}")
+        num_samples = sampler.num_users
+        sample_rate = expected / num_samples
     if sampler is None:
         sampler = PoissonBatchSampler(num_samples, sample_rate, len(data_loader), seed=seed,
                                       max_batch_size=cap, secure=secure, generator=generator)
@@ -378,6 +385,7 @@ class _MicroBatchSampler(Sampler[List[int]]):
         self.logical = logical
         self.max_physical_batch_size = int(max_physical_batch_size)
         self.ends_logical: collections.deque = collections.deque()
+        self.groups: collections.deque = collections.deque()  # user-level: each chunk's users
 
     @property
     def sampler(self):
@@ -388,10 +396,19 @@ class _MicroBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         self.ends_logical.clear()
+        self.groups.clear()
+        group_ids = getattr(self.logical, "group_ids", None)  # a UserPoissonSampler
         for batch in self.logical:
-            chunks = split_microbatches(batch, self.max_physical_batch_size)
+            if group_ids is None:
+                chunks, groups = split_microbatches(batch, self.max_physical_batch_size), None
+            else:  # a user's rows stay in one micro-batch: they are clipped together
+                from vaultkern.privacy.user_sampling import group_microbatches
+                groups = group_ids(batch)
+                spans = group_microbatches(groups, self.max_physical_batch_size) or [(0, 0)]
+                chunks = [batch[a:b] for a, b in spans]
             for k, chunk in enumerate(chunks):
                 self.ends_logical.append(k == len(chunks) - 1)
+                self.groups.append(None if groups is None else groups[spans[k][0]:spans[k][1]])
                 yield chunk
 
 
@@ -407,14 +424,15 @@ class MicroBatchLoader:
     batches.
     """
 
-    def __init__(self, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
+    def __init__(self, data_loader: DataLoader, max_physical_batch_size: int, optimizer,
+                 module=None):
         if int(max_physical_batch_size) != max_physical_batch_size or max_physical_batch_size < 1:
             raise ValueError(
                 f"max_physical_batch_size={max_physical_batch_size}: must be an integer >= 1")
         if data_loader.batch_sampler is None:
             raise ValueError("MicroBatchLoader needs a loader with a batch sampler")
         self.original_loader = data_loader
-        self.optimizer = optimizer
+        self.optimizer, self.module = optimizer, module  # module: gets each chunk's group ids
         self.max_physical_batch_size = int(max_physical_batch_size)
         self._micro = _MicroBatchSampler(data_loader.batch_sampler, max_physical_batch_size)
         self.loader = DataLoader(data_loader.dataset, batch_sampler=self._micro,
@@ -435,7 +453,10 @@ class MicroBatchLoader:
     def __iter__(self):
         first = True
         for batch in self.loader:
-            last = self._micro.ends_logical.popleft()
+            last, groups = self._micro.ends_logical.popleft(), self._micro.groups.popleft()
+            if groups is not None:
+                from vaultkern.core import set_group_ids
+                set_group_ids(self.module, groups.to(next(self.module.parameters()).device))
             if first and hasattr(self.optimizer, "note_sampled_batch"):  # (any optimizer works)
                 self.optimizer.note_sampled_batch()
             self.optimizer.signal_skip_step(do_skip=not last)
