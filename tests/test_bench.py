@@ -29,7 +29,7 @@ def _results(out_dir):
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """One micro run (gemma, tied and untied, all four providers) through the CLI."""
+    """One micro run (gemma, tied and untied, every provider) through the CLI."""
     out = tmp_path_factory.mktemp("bench")
     rc = main(["--size", "micro", "--models", "gemma", "--out", str(out)])
     stem, files, results = _results(out)
@@ -75,7 +75,7 @@ def test_micro_run_provider_entries(micro_run):
             if results["settings"]["memory_unavailable"] is None:
                 assert isinstance(e["peak_mem_bytes"], int) and e["peak_mem_bytes"] >= 0
         assert config["providers"]["nondp"]["ratio_vs_nondp"]["tokens_per_s"] == 1.0
-        for name in ("nondp", "opacus-hooks", "vaultkern"):
+        for name in ("nondp", "opacus-hooks", "vaultkern", "vaultkern-per-layer"):
             assert config["providers"][name]["status"] == "ok", (config["name"], name)
 
 

@@ -6,7 +6,6 @@ import io
 import pytest
 import torch
 import torch.utils.checkpoint as ckpt
-from torch import nn
 
 import vaultkern as vk
 from hf_zoo import batch, lm_loss, make

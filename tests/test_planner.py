@@ -1,7 +1,6 @@
 """`python -m vaultkern plan` on a compute budget: σ per row from dp-accounting's
 calibration, the recommendation is the lowest σ/B̄ allowed, the PNG is written."""
 import dp_accounting
-import pytest
 
 from vaultkern.privacy import plan, planner
 

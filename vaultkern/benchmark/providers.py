@@ -12,6 +12,8 @@ minimises, and every DP provider clips each example's gradient of that loss.
 * ``opacus-ghost`` - Opacus ghost clipping (``grad_sample_mode="ghost"``): the
                      criterion returned by ``make_private`` runs two backward passes.
 * ``vaultkern``    - ``vk.patch`` (Book-Keeping, one backward) + vaultkern DPOptimizer.
+* ``vaultkern-per-layer`` - the same with ``clipping="per_layer"`` (each parameter clipped
+                     to C/√P, Opacus' per-layer semantics; the joint bound is C).
 
 The Opacus providers are built with ``PrivacyEngine.make_private`` on a data
 loader of ``batch_size`` dummy rows without Poisson sampling, so Opacus' expected
@@ -30,8 +32,8 @@ from torch import nn
 
 from vaultkern.models import per_sequence_loss
 
-PROVIDERS = ("nondp", "opacus-hooks", "opacus-ghost", "vaultkern")
-DP_PROVIDERS = ("opacus-hooks", "opacus-ghost", "vaultkern")
+PROVIDERS = ("nondp", "opacus-hooks", "opacus-ghost", "vaultkern", "vaultkern-per-layer")
+DP_PROVIDERS = ("opacus-hooks", "opacus-ghost", "vaultkern", "vaultkern-per-layer")
 # Providers the benchmark must be able to run: a failure of these is an error, not
 # an "unsupported" configuration.
 REQUIRED_PROVIDERS = ("nondp", "vaultkern")
@@ -134,13 +136,15 @@ class NonDP(Provider):
 
 class VaultKern(Provider):
     name = "vaultkern"
+    clipping = "flat"
 
     def __init__(self, model, settings, batch_size):
         super().__init__(model, settings, batch_size)
         import vaultkern as vk
         from vaultkern.privacy.optimizer import DPOptimizer
         self._vk = vk
-        vk.patch(model, max_grad_norm=settings.max_grad_norm, loss_reduction="mean")
+        vk.patch(model, max_grad_norm=settings.max_grad_norm, loss_reduction="mean",
+                 clipping=self.clipping)
         self.optimizer = DPOptimizer(make_optimizer(model.parameters(), settings),
                                      noise_multiplier=settings.noise_multiplier,
                                      max_grad_norm=settings.max_grad_norm,
@@ -152,6 +156,11 @@ class VaultKern(Provider):
         if norms is None:
             raise RuntimeError("vaultkern recorded no per-example norms (no backward yet?)")
         return norms
+
+
+class VaultKernPerLayer(VaultKern):
+    name = "vaultkern-per-layer"
+    clipping = "per_layer"
 
 
 def _dummy_loader(batch_size: int):
@@ -213,7 +222,7 @@ class OpacusGhost(Provider):
 
 _CLASSES: Dict[str, Callable[..., Provider]] = {
     "nondp": NonDP, "opacus-hooks": OpacusHooks, "opacus-ghost": OpacusGhost,
-    "vaultkern": VaultKern,
+    "vaultkern": VaultKern, "vaultkern-per-layer": VaultKernPerLayer,
 }
 
 
