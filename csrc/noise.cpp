@@ -2,6 +2,7 @@
 // CUDA kernels (noise_cuda.cu) for CUDA devices. The generator itself is in
 // chacha20.h, shared with the CUDA code.
 #include "vaultkern.h"
+#include "noise_avx2.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -120,6 +121,29 @@ void fill_gaussian_cpu(const chacha::Key& key, const chacha::Nonce& nonce, uint6
                        int64_t n, const scalar_t* in, double std, double scale, scalar_t* out) {
   if (n == 0) return;
   const uint64_t b0 = first / 2, blocks = (first + n - 1) / 2 - b0 + 1;
+  auto emit = [&](uint64_t b, const double xi[2]) {  // samples 2b, 2b + 1 that fall in range
+    for (int slot = 0; slot < 2; ++slot) {
+      const uint64_t s = 2 * b + slot;
+      if (s < first || s >= first + uint64_t(n)) continue;
+      const int64_t j = int64_t(s - first);
+      out[j] = static_cast<scalar_t>(in ? (double(in[j]) + std * xi[slot]) * scale : xi[slot]);
+    }
+  };
+  static const bool avx2 = cpu_has_avx2();
+  if (avx2) {  // every block through the 8-lane path: a sample never depends on the cut
+    constexpr int64_t kGroups = 32;  // groups of 8 blocks per buffer (4 KiB of samples)
+    const int64_t groups = int64_t((blocks + 7) / 8);
+    at::parallel_for(0, groups, kGrainBlocks / 8, [&](int64_t begin, int64_t end) {
+      double buf[16 * kGroups];
+      for (int64_t g = begin; g < end; g += kGroups) {
+        const int64_t count = std::min(kGroups, end - g);
+        gaussian_blocks_avx2(key, nonce, b0 + 8 * uint64_t(g), count, buf);
+        for (int64_t k = 0; k < 8 * count && 8 * g + k < int64_t(blocks); ++k)
+          emit(b0 + uint64_t(8 * g + k), buf + 2 * k);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, int64_t(blocks), kGrainBlocks, [&](int64_t begin, int64_t end) {
     uint32_t words[4][16];
     for (int64_t b4 = begin; b4 < end; b4 += 4) {
@@ -127,12 +151,7 @@ void fill_gaussian_cpu(const chacha::Key& key, const chacha::Nonce& nonce, uint6
       for (int64_t b = b4; b < std::min(b4 + 4, end); ++b) {
         double xi[2];  // samples 2b and 2b + 1
         chacha::gaussians_from_block(words[b - b4], xi);
-        for (int slot = 0; slot < 2; ++slot) {
-          const uint64_t s = 2 * (b0 + b) + slot;
-          if (s < first || s >= first + uint64_t(n)) continue;
-          const int64_t j = int64_t(s - first);
-          out[j] = static_cast<scalar_t>(in ? (double(in[j]) + std * xi[slot]) * scale : xi[slot]);
-        }
+        emit(b0 + b, xi);
       }
     }
   });

@@ -103,8 +103,9 @@ def gaussian_from_stream(stream: bytes, j: int) -> float:
     return 0.5 * total
 
 
-def test_gaussian_follows_documented_construction(C):
-    counter, n = 3, 9
+@pytest.mark.parametrize("counter, n", [(3, 9), (5, 37), (0, 16), (11, 1)])
+def test_gaussian_follows_documented_construction(C, counter, n):
+    """Also across the 8-block groups of the AVX2 path and its partial last group."""
     stream = bytes(C.chacha20_stream(KEY, nonce(2), counter, 64 * ((n + 1) // 2)).tolist())
     got = C.gaussian(n, KEY, nonce(2), counter, dtype=torch.float64)
     want = torch.tensor([gaussian_from_stream(stream, j) for j in range(n)], dtype=torch.float64)

@@ -1,0 +1,17 @@
+// The AVX2 + FMA Gaussian sampler (noise_avx2.cpp); noise.cpp uses it when cpu_has_avx2().
+#pragma once
+
+#include <cstdint>
+
+#include "chacha20.h"
+
+namespace vaultkern {
+
+// Samples 2b, 2b + 1 of blocks b = first .. first + 8·groups - 1 into out[16·groups]
+// (out[2(b - first)] = sample 2b), as chacha::gaussian_pair computes them, to ~1 ulp.
+void gaussian_blocks_avx2(const chacha::Key& key, const chacha::Nonce& nonce, uint64_t first,
+                          int64_t groups, double* out);
+
+bool cpu_has_avx2();
+
+}  // namespace vaultkern
