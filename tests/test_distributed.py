@@ -85,3 +85,39 @@ def test_privacy_engine_under_ddp_equals_one_process(tmp_path):
                 torch.testing.assert_close(r[sigma]["params"][n], p, rtol=1e-9, atol=1e-12)
     for n in ranks[0]["secure"]:
         assert torch.equal(ranks[0]["secure"][n], ranks[1]["secure"][n]), n
+
+
+def test_reference_training_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m vaultkern train`: both ranks train (rank 0 writes the
+    run), ε is the single-process ε of the same q, σ and steps, and the weights equal a
+    single-process run with the same --dp-seed (one global Poisson batch, split in two)."""
+    import json
+    from vaultkern.privacy.accounting import epsilon_for
+    config = tmp_path / "tiny32.toml"
+    config.write_text('base = "tiny"\nseq_len = 32\nnum_layers = 1\n')
+    flags = ["--config", str(config), "--num-records", "40", "--batch-size", "8", "--steps", "3",
+             "--noise-multiplier", "1.0", "--epsilon-every", "3", "--accountant", "rdp",
+             "--delta", "1e-3", "--dp-seed", "77", "--max-physical-batch-size", "2", "--quiet",
+             "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    proc = subprocess.run(torchrun + ["-m", "vaultkern", "train", *flags, "--out",
+                                      str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    single = subprocess.run([sys.executable, "-m", "vaultkern", "train", *flags, "--out",
+                             str(tmp_path / "one")], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cards = [json.loads((tmp_path / d / "model_card.json").read_text()) for d in ("ddp", "one")]
+    assert cards[0]["training"]["data_parallel_ranks"] == 2
+    assert cards[1]["training"]["data_parallel_ranks"] == 1
+    p = cards[0]["privacy"]
+    assert p["epsilon"] == pytest.approx(cards[1]["privacy"]["epsilon"], rel=1e-12)
+    assert p["epsilon"] == pytest.approx(epsilon_for(1.0, p["sample_rate"], 3, 1e-3, "rdp"),
+                                         rel=1e-9)
+    weights = [torch.load(tmp_path / d / "model.pt", weights_only=True)["model"]
+               for d in ("ddp", "one")]
+    for n in weights[1]:
+        torch.testing.assert_close(weights[0][n], weights[1][n], rtol=1e-5, atol=1e-6)

@@ -243,3 +243,14 @@ def test_user_level_epsilon_is_the_user_level_event(tmp_path):
         DPTrainer(model=make("llama"), args=targs(tmp_path), train_dataset=dataset(),
                   data_collator=collate, noise_multiplier=1.0, target_delta=1e-3, user_ids=users,
                   max_rows_per_user=5)
+
+
+def test_logs_hold_no_gradient_norm_of_the_unnoised_sum(tmp_path):
+    """transformers logs ‖p.grad‖ before optimizer.step(); under DP that is the clipped sum
+    before the noise (no privacy): DPTrainer's logs have epsilon and no grad_norm."""
+    trainer = DPTrainer(model=make("llama", dtype=torch.float32), args=targs(tmp_path),
+                        train_dataset=dataset(), data_collator=collate, noise_multiplier=1.0,
+                        target_delta=1e-3)
+    quiet(trainer.train)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("epsilon" in h and h.get("grad_norm") is None for h in logs)

@@ -263,18 +263,23 @@ def vaultkern_version(source: str) -> str:
 
 @contextlib.contextmanager
 def recorded(batches):
-    """vaultkern's Poisson sampler as it is, its batches noted."""
-    original = PoissonBatchSampler.sample_batch
+    """vaultkern's Poisson sampler as it is, its batches noted. The programs pass no seed, so
+    the engine would draw one from os.urandom: a fixed one instead makes the float32 rounding
+    differences against Opacus (which depend on the batches) the same on every run."""
+    import vaultkern.privacy.engine as engine
+    original, original_seed = PoissonBatchSampler.sample_batch, engine.shared_random_seed
 
     def sample_batch(self):
         batch = original(self)
         batches.append(batch)
         return batch
     PoissonBatchSampler.sample_batch = sample_batch
+    engine.shared_random_seed = lambda: 20261201
     try:
         yield
     finally:
         PoissonBatchSampler.sample_batch = original
+        engine.shared_random_seed = original_seed
 
 
 @contextlib.contextmanager

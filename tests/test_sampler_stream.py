@@ -71,3 +71,28 @@ def test_secure_sampler_state_holds_no_key_and_resumes_on_fresh_nonces():
     del old["draws"]
     with pytest.raises(ValueError, match="before the ChaCha20 sampler"):
         resumed.load_state_dict(old)
+
+
+def test_distributed_shares_are_disjoint_poisson_at_rate_q_and_resumable():
+    """Each of W ranks keeps its share of one global Poisson batch (same seed, no process
+    group needed with rank= and world_size=): shares disjoint, union a Poisson batch, each
+    example in a step with probability q (chi-square), a restored rank continues its shares."""
+    from vaultkern.privacy.distributed_sampling import DistributedPoissonBatchSampler
+    n, q, steps, world = 60, 0.15, 2000, 3
+    ranks = [DistributedPoissonBatchSampler(n, q, steps, seed=4, rank=r, world_size=world)
+             for r in range(world)]
+    single = PoissonBatchSampler(n, q, steps, seed=4)
+    counts = np.zeros(n)
+    for shares, whole in zip(zip(*ranks), single):
+        union = [i for s in shares for i in s]
+        assert len(union) == len(set(union)) and sorted(union) == whole
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        counts[union] += 1
+    chi2 = ((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum()
+    assert stats.chi2.sf(chi2, n) > 1e-4
+    again = DistributedPoissonBatchSampler(n, q, steps, seed=4, rank=1, world_size=world)
+    it = iter(again)
+    [next(it) for _ in range(5)]
+    resumed = DistributedPoissonBatchSampler(n, q, steps, seed=99, rank=1, world_size=world)
+    resumed.load_state_dict(again.state_dict())
+    assert next(iter(resumed)) == next(it)

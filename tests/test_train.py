@@ -75,6 +75,7 @@ PUBLIC_CARD_KEYS = {
     "training", "training.optimizer", "training.lr", "training.weight_decay",
     "training.warmup_steps", "training.batch_size", "training.max_physical_batch_size",
     "training.steps_done", "training.steps_planned", "training.complete", "training.device",
+    "training.data_parallel_ranks",
     "training.seed",
 }
 PRIVATE_FIELDS = ("train_loss", "heldout_loss", "heldout_perplexity", "initial_heldout_loss",

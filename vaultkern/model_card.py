@@ -221,6 +221,7 @@ def training_card(args, cfg, num_parameters: int, data, plan: dict, run: dict) -
                      "max_physical_batch_size": args.max_physical_batch_size,
                      "steps_done": run["steps"], "steps_planned": plan["steps"],
                      "complete": run["status"] == "complete", "device": run["device"],
+                     "data_parallel_ranks": run.get("ranks", 1),
                      "seed": args.seed},
     }
 

@@ -199,6 +199,11 @@ class DPTrainer(Trainer):
             total += losses.detach().sum()
         return total / max(inputs.rows, 1)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer would log ‖p.grad‖ before optimizer.step(): here that is the clipped sum
+        # *before* the noise, a statistic of the private data without DP. Not computed.
+        return None
+
     def floating_point_ops(self, inputs) -> int:
         return sum(super(DPTrainer, self).floating_point_ops(m) for m in inputs)
 

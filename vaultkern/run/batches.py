@@ -17,6 +17,7 @@ from vaultkern.data import ByteTokenizer, inputs_and_targets
 from vaultkern.models import IGNORE_INDEX
 from vaultkern.privacy.sampling import pad_to_max_batch
 from vaultkern.privacy.user_sampling import group_microbatches
+from vaultkern.run.ranks import sync_context
 
 
 class ShuffledBatches:
@@ -65,20 +66,27 @@ def autocast_for(device: torch.device):
 def backward_in_microbatches(model, batch: torch.Tensor, real: torch.Tensor, loss_fn: Callable,
                              max_physical_batch_size: int, device: torch.device,
                              scale: float = 1.0, mask_rows: bool = False,
-                             groups: Optional[torch.Tensor] = None) -> Tuple[float, int]:
+                             groups: Optional[torch.Tensor] = None,
+                             forward: Optional[torch.nn.Module] = None) -> Tuple[float, int]:
     """``(scale · Σ per-row losses).backward()`` per micro-batch; (loss sum, tokens) of the real rows.
 
     ``mask_rows``: tell the patched model which rows are real before each micro-batch, so
     padding rows contribute exactly 0 inside the engine. ``groups`` (user-level runs: the
     user of each row, rows grouped by user): micro-batches never split a user, and each
-    user's summed gradient is clipped as one (``vaultkern.set_group_ids``). The returned
+    user's summed gradient is clipped as one (``vaultkern.set_group_ids``). ``forward``
+    (torchrun: DDP around ``model``): the forward goes through it, every micro-batch but the
+    last under ``no_sync``, and an empty share still runs one 0-row backward, so that every
+    rank joins the step's one all-reduce. The returned
     loss (private, for the metrics) leaves out rows whose loss is not finite; the engine
     drops their gradients."""
     m = max_physical_batch_size
     spans = ([(a, a + m) for a in range(0, len(batch), m)] if groups is None
              else group_microbatches(groups, m))
+    forward = model if forward is None else forward
+    if forward is not model and not spans:
+        spans = [(0, 0)]
     loss_sum, tokens = 0.0, 0
-    for start, end in spans:
+    for k, (start, end) in enumerate(spans):
         chunk = batch[start:end]
         chunk_real = real[start:end].to(device)
         inputs, targets = (t.to(device) for t in inputs_and_targets(chunk))
@@ -86,10 +94,11 @@ def backward_in_microbatches(model, batch: torch.Tensor, real: torch.Tensor, los
             set_row_mask(model, chunk_real)
         if groups is not None:
             set_group_ids(model, groups[start:end].to(device))
-        with autocast_for(device):
-            logits = model(inputs)
-        losses = loss_fn(logits, targets)
-        (losses.sum() * scale).backward()
+        with sync_context(forward, last=k == len(spans) - 1):
+            with autocast_for(device):
+                logits = forward(inputs)
+            losses = loss_fn(logits, targets)
+            (losses.sum() * scale).backward()
         counted = chunk_real & torch.isfinite(losses.detach())
         loss_sum += float(losses.detach()[counted].sum())
         tokens += int((targets[counted] != IGNORE_INDEX).sum())

@@ -35,6 +35,7 @@ from vaultkern.model_card import training_card, update_private_report, write_mod
 from vaultkern.models import Decoder, count_parameters, get_config, make_config, per_sequence_loss
 from vaultkern.run.batches import ShuffledBatches, backward_in_microbatches, logical_batch
 from vaultkern.run.budget import Plan, document_epsilon, make_plan
+from vaultkern.run import ranks
 from vaultkern.run.cli import check_args
 from vaultkern.run.users import card_entries, user_rows, user_sampling
 from vaultkern.run.rundir import (CHECKPOINT_FORMAT, CKPT_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE,
@@ -115,6 +116,8 @@ class TrainingRun:
         check_args(args)
         self.args, self.started = args, time.time()
         self.device = resolve_device(args.device)
+        self.rank, self.world = ranks.start(self.device)  # torchrun: rank 0 writes the run dir
+        self.main = self.rank == 0
         self.out = args.out
         os.makedirs(self.out, exist_ok=True)
         if not args.resume and os.path.exists(os.path.join(self.out, CKPT_FILE)):
@@ -131,7 +134,7 @@ class TrainingRun:
         if ckpt:
             self._restore(ckpt)
             self.resumes = ckpt["resumes"]
-            if self.plan.dp:  # written back before training: a second resume of this state is seen
+            if self.plan.dp and self.main:  # written back before training: a second resume is seen
                 self.resumes = claim_for_resume(self.out, ckpt, args.force_resume)
 
     # -- setup -----------------------------------------------------------------------------
@@ -145,9 +148,10 @@ class TrainingRun:
         if ckpt:
             self.data = PackedCorpus.load(os.path.join(self.out, DATA_FILE))
         else:
-            self.data = build_data(args, self.cfg.seq_len)
-            self.data.save(os.path.join(self.out, DATA_FILE))
-            if os.path.exists(os.path.join(self.out, METRICS_FILE)):
+            self.data = build_data(args, self.cfg.seq_len)  # the same on every rank
+            if self.main:
+                self.data.save(os.path.join(self.out, DATA_FILE))
+            if self.main and os.path.exists(os.path.join(self.out, METRICS_FILE)):
                 os.remove(os.path.join(self.out, METRICS_FILE))
         if self.data.seq_len != self.cfg.seq_len:
             raise ValueError(f"data was packed for seq_len {self.data.seq_len} but the model has "
@@ -169,7 +173,7 @@ class TrainingRun:
         warmup = args.warmup_steps if args.warmup_steps is not None else max(1, plan.steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, plan.steps, warmup))
-        self.accountant = None
+        self.accountant, self.forward = None, self.model
         if not plan.dp:
             self.stepper = self.optimizer
             self.sampler = ShuffledBatches(len(self.rows), args.batch_size, plan.steps, args.seed)
@@ -186,6 +190,7 @@ class TrainingRun:
                        max_rows_per_user=args.max_rows_per_user if self.row_users is not None
                        else None)
         self.stepper, self.sampler, self.accountant = run.optimizer, run.sampler, run.accountant
+        self.forward = ranks.wrap(self.model, self.device, self.world)  # patched, then DDP
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -201,7 +206,8 @@ class TrainingRun:
         self.step, self.nonfinite_earlier = ckpt["step"], ckpt["nonfinite_examples"]
         self.last_loss = ckpt.get("last_loss")
         self.initial_heldout = ckpt.get("initial_heldout_loss")
-        truncate_metrics(self.out, self.step)
+        if self.main:
+            truncate_metrics(self.out, self.step)
         print(f"resuming {self.out} at step {self.step} of {self.plan.steps}")
 
     # -- state -----------------------------------------------------------------------------
@@ -217,6 +223,8 @@ class TrainingRun:
 
     def save_checkpoint(self) -> None:
         """Atomic: a crash mid-write leaves the previous checkpoint intact. Unclaimed: a new state."""
+        if not self.main:
+            return
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             print(f"error: parameters are not finite at step {self.step}; the last good checkpoint "
                   "is left untouched", file=sys.stderr)
@@ -245,7 +253,7 @@ class TrainingRun:
         groups = self.sampler.group_ids(indices) if self.row_users is not None else None
         return backward_in_microbatches(
             self.model, batch, real, per_sequence_loss, args.max_physical_batch_size, self.device,
-            scale, mask_rows=plan.max_batch_size is not None, groups=groups)
+            scale, mask_rows=plan.max_batch_size is not None, groups=groups, forward=self.forward)
 
     def update(self) -> None:
         """The optimizer step (DP: noise once, also for an empty batch)."""
@@ -263,13 +271,14 @@ class TrainingRun:
         epsilon_every = args.epsilon_every or args.log_every * max(
             1, math.ceil(plan.steps / (10 * args.log_every)))
         progress = None
-        if not args.quiet:
+        if not args.quiet and self.main:
             from tqdm import tqdm
             progress = tqdm(total=plan.steps, initial=self.step, unit="step", dynamic_ncols=True,
                             desc=f"train {'DP' if plan.dp else 'non-DP'}")
         window_tokens, window_start, interrupted = 0, time.time(), False
         batches = iter(self.sampler)
-        with StopRequest() as stop, open(os.path.join(self.out, METRICS_FILE), "a") as metrics:
+        metrics_path = os.path.join(self.out, METRICS_FILE) if self.main else os.devnull
+        with StopRequest() as stop, open(metrics_path, "a") as metrics:
             while self.step < stop_at:
                 if stop.requested:
                     interrupted = True
@@ -325,6 +334,8 @@ class TrainingRun:
         if plan.dp and plan.target_epsilon is not None and eps > plan.target_epsilon * (1 + 1e-9):
             raise RuntimeError(f"ε={eps} exceeds the target {plan.target_epsilon}: this is a bug; "
                                "do not release this model")
+        if not self.main:  # the same model, ε and plan as rank 0, which writes them
+            return {"status": status, "out": out, "step": self.step, "epsilon": eps}
         mode = user_sampling(self.args)
         # ULS: the unit (a user) already covers whole documents; ELS: ε for a user's k rows
         doc_eps = None if mode == "uls" else document_epsilon(
@@ -337,7 +348,7 @@ class TrainingRun:
                      "vaultkern_version": __version__}, os.path.join(out, MODEL_FILE))
         plot_metrics(out)
         run = {"status": status, "steps": self.step, "epsilon": eps, "document_epsilon": doc_eps,
-               "user_level": user,
+               "user_level": user, "ranks": self.world,
                "resumes": self.resumes, "device": str(self.device)}
         card = training_card(self.args, self.cfg, count_parameters(self.model), self.data,
                              asdict(plan), run)
