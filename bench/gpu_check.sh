@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT" bench/results
-STAGES="${STAGES:-setup info tests kernels bench}"   # also: train, profile
+STAGES="${STAGES:-setup info tests kernels bench}"   # also: train, profile, trainer
 BENCH_ARGS="${BENCH_ARGS:-}"   # extra `vaultkern bench` flags, e.g. "--max-batch off --models gpt2-medium"
 TOTAL_S="${TOTAL_S:-570}"
 BUILD_MAX_S="${BUILD_MAX_S:-150}"
@@ -116,6 +116,13 @@ if has_stage train; then
   [[ -f "$OUT/run-small/MODEL_CARD.md" ]] && cp "$OUT/run-small/MODEL_CARD.md" "$OUT/train-model-card.log"
   [[ -f "$OUT/run-small/metrics.jsonl" ]] && cp "$OUT/run-small/metrics.jsonl" "$OUT/train-metrics.log"
   rm -rf "$OUT/run-small"
+fi
+if has_stage trainer; then
+  # DPTrainer vs transformers.Trainer (full and LoRA) on a GPT-2-small-sized Llama, bf16
+  run_stage trainer 150 "$reserve_for_bench" python3 bench/trainer.py --device cuda --bf16 \
+    --hidden 768 --layers 12 --vocab 32000 --seq-len 512 --batch-size 8 --dataset-size 4096 \
+    --steps 20 --repeats 2 --out bench/results
+  tail -n 8 "$OUT/trainer.log"
 fi
 if has_stage profile; then
   run_stage profile 90 "$reserve_for_bench" python3 bench/profile_step.py --model gpt2-small --batch 8

@@ -121,3 +121,24 @@ def test_reference_training_under_torchrun(tmp_path):
                for d in ("ddp", "one")]
     for n in weights[1]:
         torch.testing.assert_close(weights[0][n], weights[1][n], rtol=1e-5, atol=1e-6)
+
+
+def test_dp_trainer_under_torchrun_equals_one_process(tmp_path):
+    """DPTrainer under `torchrun --nproc_per_node 2` (per-device batch 3: global B̄ = 6) gives
+    the weights and ε of one process with per-device batch 6, same dp_seed: the ranks share
+    one Poisson batch, DDP reduces the clipped sums once per step (micro-batches of 2)."""
+    worker = os.path.join(os.path.dirname(__file__), "dp_trainer_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          worker, str(tmp_path / "ddp.pt"), "3"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt"), "6"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f, weights_only=False) for f in ("ddp.pt", "one.pt"))
+    assert (a["world"], b["world"]) == (2, 1) and a["q"] == b["q"] == pytest.approx(6 / 30)
+    assert a["epsilon"] == pytest.approx(b["epsilon"], rel=1e-12)
+    for n, p in b["weights"].items():
+        torch.testing.assert_close(a["weights"][n], p, rtol=1e-9, atol=1e-12)

@@ -9,9 +9,10 @@ What changes against a plain Trainer (the DP pieces come from
 :func:`vaultkern.privacy.assembly.assemble`, as for every front door):
 
 * the logical batch is the Trainer's own: ``per_device_train_batch_size ×
-  gradient_accumulation_steps`` is the *expected* batch B̄; every step is a Poisson
-  sample of the training set at q = B̄/N, cut into physical micro-batches of at most
-  ``per_device_train_batch_size`` rows, noised once and divided by B̄. Internally the
+  gradient_accumulation_steps × world size`` is the *expected* batch B̄; every step is a
+  Poisson sample of the training set at q = B̄/N (under torchrun one global sample, each
+  rank its share; DDP reduces the clipped sums once per step), cut into physical
+  micro-batches of at most ``per_device_train_batch_size`` rows, noised once, ÷ B̄. Internally the
   Trainer then runs with ``gradient_accumulation_steps=1`` (one loader item = one
   logical step), ``max_grad_norm=0`` (the per-example C replaces global clipping) and
   ``ignore_data_skip=True`` (the sampler resumes from its own state);
@@ -28,6 +29,7 @@ What changes against a plain Trainer (the DP pieces come from
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, List, Optional, Sequence
@@ -67,11 +69,16 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 class _SplitCollate:
-    def __init__(self, collate, max_rows: int, sampler):
+    def __init__(self, collate, max_rows: int, sampler, empty_item=None):
         self.collate, self.max_rows, self.sampler = collate, max_rows, sampler
+        self.empty_item = empty_item  # DDP: an empty share still runs one 0-row micro-batch
 
     def __call__(self, pairs: List[Any]) -> LogicalBatch:
         indices, items = [i for i, _ in pairs], [x for _, x in pairs]
+        if not items and self.empty_item is not None:
+            batch = LogicalBatch([_rows_of(self.collate([self.empty_item]), 0)])
+            batch.groups, batch.rows = [None], 0
+            return batch
         if isinstance(self.sampler, UserPoissonSampler):  # users never straddle micro-batches
             groups = self.sampler.group_ids(indices)
             spans = group_microbatches(groups, self.max_rows)
@@ -81,6 +88,10 @@ class _SplitCollate:
         batch.groups = [None if groups is None else groups[a:b] for a, b in spans]
         batch.rows = len(items)
         return batch
+
+
+def _rows_of(batch: dict, n: int) -> dict:
+    return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def per_example_lm_loss(model, inputs: dict) -> torch.Tensor:
@@ -102,15 +113,18 @@ class DPTrainer(Trainer):
                  accountant: str = "pld", card_data: Optional[dict] = None,
                  user_ids: Optional[Sequence] = None, max_rows_per_user: Optional[int] = None,
                  **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.ddp_find_unused_parameters is None:
+            # every trainable parameter is used under vaultkern; with the flag DDP would keep
+            # each rank's own clipped sum (vaultkern refuses it)
+            targs.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         # public facts about the data for the card; with seq_len and max_rows_per_document
         # (k: the most rows one document spans) it states the row unit and a document-level ε
         self.dp_card_data = dict(card_data or {})
         targs = self.args
-        if targs.world_size > 1:
-            raise NotImplementedError(
-                "DPTrainer runs on one process for now: distributed Poisson sampling is not "
-                "wired into it yet (see vaultkern's distributed support for DDP).")
+        if targs.world_size > 1 and user_ids is not None:
+            raise NotImplementedError("user-level DP (user_ids) runs on one process")
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("DPTrainer needs a train_dataset with a length (N sets q = B̄/N)")
         if target_delta is None:
@@ -129,7 +143,9 @@ class DPTrainer(Trainer):
             n = len(set(user_ids))  # the units are users: q = B̄/U
         check_delta(target_delta, n)
         self.dp_physical_batch = targs.per_device_train_batch_size
-        self.dp_expected_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+        # B̄ is global: under torchrun the ranks share one Poisson batch of this expected size
+        self.dp_expected_batch = (targs.per_device_train_batch_size
+                                  * targs.gradient_accumulation_steps * targs.world_size)
         if self.dp_expected_batch > n:
             raise ValueError(f"the expected batch {self.dp_expected_batch} exceeds the {n} "
                              "training examples")
@@ -174,7 +190,8 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         return torch.utils.data.DataLoader(
             _Indexed(dataset), batch_sampler=self.dp.sampler,
-            collate_fn=_SplitCollate(self.data_collator, self.dp_physical_batch, self.dp.sampler),
+            collate_fn=_SplitCollate(self.data_collator, self.dp_physical_batch, self.dp.sampler,
+                                     dataset[0] if self.args.world_size > 1 else None),
             num_workers=0)  # prefetching workers would run the sampler ahead of its saved state
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -189,13 +206,15 @@ class DPTrainer(Trainer):
     def training_step(self, model, inputs: LogicalBatch, num_items_in_batch=None):
         model.train()
         total = torch.zeros((), device=self.args.device)
-        for micro, groups in zip(inputs, inputs.groups):  # clipped sums accumulate in p.grad
+        for k, (micro, groups) in enumerate(zip(inputs, inputs.groups)):  # sums in p.grad
             if groups is not None:  # user-level: each user's summed gradient is clipped
                 set_group_ids(self.dp.model, groups.to(self.args.device))
             micro = self._prepare_inputs(micro)
-            with self.compute_loss_context_manager():
+            # DDP: the clipped sums are all-reduced once per logical step, on the last backward
+            sync = contextlib.nullcontext() if k == len(inputs) - 1 else self.accelerator.no_sync(model)
+            with sync, self.compute_loss_context_manager():
                 losses = per_example_lm_loss(model, micro)
-            self.accelerator.backward(losses.sum())
+                self.accelerator.backward(losses.sum())
             total += losses.detach().sum()
         return total / max(inputs.rows, 1)
 
