@@ -176,6 +176,11 @@ def test_train_privacy_unit_user_els_states_the_per_user_epsilon(tmp_path, confi
     acc.compose(dp_accounting.SelfComposedDpEvent(step, 4))
     assert user["epsilon"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=1e-3)
     assert user["epsilon"] > p["epsilon"]
+    # the run's data is the capped rows: what was trained on, the audit's members
+    from vaultkern.data import PackedCorpus
+    data = PackedCorpus.load(str(out / "data.pt"))
+    assert len(data.train_rows) == p["dataset_size"]
+    assert np.bincount(data.train_row_users.numpy()).max() <= 4
 
 
 def test_user_level_refusals(tmp_path, config):

@@ -37,7 +37,7 @@ from vaultkern.run.batches import ShuffledBatches, backward_in_microbatches, log
 from vaultkern.run.budget import Plan, document_epsilon, make_plan
 from vaultkern.run import ranks
 from vaultkern.run.cli import check_args
-from vaultkern.run.users import card_entries, user_rows, user_sampling
+from vaultkern.run.users import apply_els_cap, card_entries, user_rows, user_sampling
 from vaultkern.run.rundir import (CHECKPOINT_FORMAT, CKPT_FILE, DATA_FILE, METRICS_FILE, MODEL_FILE,
                                   atomic_save, claim_for_resume, load_checkpoint, plot_metrics,
                                   resolve_device, truncate_metrics)
@@ -71,7 +71,7 @@ def build_data(args, seq_len: int) -> PackedCorpus:
     else:
         corpus = file_corpus(args.data, args.seed, args.heldout_fraction,
                              (1, 4, 16) if args.plant_canaries else None, with_users=by_user)
-    packed = PackedCorpus.from_corpus(corpus, seq_len)
+    packed = apply_els_cap(PackedCorpus.from_corpus(corpus, seq_len), args)
     if len(packed.train_rows) == 0:
         raise ValueError("the training data packs into 0 sequences")
     return packed

@@ -56,6 +56,18 @@ def user_rows(data, args) -> UserRows:
     return UserRows(data.train_rows[torch.as_tensor(kept)], None, len(kept), num_users, largest)
 
 
+def apply_els_cap(data, args):
+    """ELS: the training data *is* the capped rows (saved so, so that the audit's members are
+    the rows trained on and a resume re-applies nothing new); other runs: unchanged."""
+    if user_sampling(args) != "els" or data.train_row_users is None:
+        return data
+    users, _ = dense_users(data.train_row_users.numpy())
+    kept = torch.as_tensor(cap_rows_per_user(users, args.max_rows_per_user,
+                                             [row_hash(r) for r in data.train_rows]))
+    data.train_rows, data.train_row_users = data.train_rows[kept], data.train_row_users[kept]
+    return data
+
+
 def privacy_unit(mode: str, seq_len: int, k: int) -> str:
     if mode == "uls":
         return (f"one user: all of their sequences of {seq_len} tokens (at most {k} of them "
