@@ -64,7 +64,8 @@ ACCOUNTS_ONE_OVER_STEPS = Edit(
 
 MUTANTS = [
     Mutant("sampler-q", "Poisson loader samples at q = 1/len(loader) instead of B̄/N",
-           [Edit(("vaultkern/privacy/sampling.py",), r"sample_rate = expected / num_samples$",
+           [Edit(("vaultkern/privacy/sampling.py",),
+                 r'sample_rate = expected \* getattr\(sampler, "world_size", 1\) / num_samples$',
                  "sample_rate = 1.0 / len(data_loader)")],
            ["tests/test_sampling.py", *ENGINE_TESTS]),
     Mutant("assembly-q", "the DP assembly samples and accounts q = 1/(batches per pass), not B̄/N",
