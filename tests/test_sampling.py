@@ -8,10 +8,10 @@ import torch
 from scipy import stats
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from vaultkern.privacy.micro_batches import BatchMemoryManager, MicroBatchLoader
 from vaultkern.privacy.sampling import (
-    BatchMemoryManager, MicroBatchLoader, PoissonBatchSampler, is_empty_batch,
-    make_poisson_loader, pad_to_max_batch, poisson_sampler_of, split_microbatches,
-    truncated_poisson_batch)
+    PoissonBatchSampler, is_empty_batch, make_poisson_loader, pad_to_max_batch,
+    poisson_sampler_of, split_microbatches, truncated_poisson_batch)
 
 
 def test_batch_sizes_are_binomial_and_every_example_is_eligible():

@@ -14,8 +14,9 @@
 from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier  # noqa: F401
 from vaultkern.privacy.engine import PrivacyEngine  # noqa: F401
 from vaultkern.privacy.optimizer import DPOptimizer  # noqa: F401
+from vaultkern.privacy.micro_batches import BatchMemoryManager  # noqa: F401
 from vaultkern.privacy.sampling import (  # noqa: F401
-    BatchMemoryManager, PoissonBatchSampler, make_poisson_loader, split_microbatches)
+    PoissonBatchSampler, make_poisson_loader, split_microbatches)
 from vaultkern.privacy.validator import ModuleValidator  # noqa: F401
 
 __all__ = ["PrivacyEngine", "DPOptimizer", "Accountant", "PoissonBatchSampler",

@@ -51,9 +51,9 @@ from vaultkern.privacy.accounting import Accountant, calibrate_noise_multiplier
 from vaultkern.privacy.assembly import assemble
 from vaultkern.core.distributed import shared_random_seed, world_size
 from vaultkern.privacy.optimizer import DPOptimizer, validate_dp_arguments
-from vaultkern.privacy.sampling import (
-    MicroBatchLoader, StepCheckedLoader, expected_batch_size_of, make_poisson_loader,
-    poisson_sampler_of)
+from vaultkern.privacy.micro_batches import MicroBatchLoader, StepCheckedLoader
+from vaultkern.privacy.sampling import (expected_batch_size_of, make_poisson_loader,
+                                        poisson_sampler_of)
 from vaultkern.privacy.validator import ModuleValidator
 
 CLIPPING = ("flat", "per_layer", "automatic")

@@ -33,7 +33,7 @@ expected size B̄, so it does not.)
   non-finite gradient raises and leaves grads, params and counters unchanged.
 * Micro-batches: ``signal_skip_step(do_skip=True)`` makes the next ``step()``
   a no-op that keeps the accumulated gradients (and the next ``zero_grad()``
-  keeps them too); see :class:`vaultkern.privacy.sampling.BatchMemoryManager`.
+  keeps them too); see :class:`vaultkern.privacy.micro_batches.BatchMemoryManager`.
 """
 from __future__ import annotations
 
