@@ -240,3 +240,24 @@ def test_privacy_engine_user_level_step_is_the_per_user_clipped_sum(physical):
     # C = 130 lies among the users' norms (118-154 here): some clipped, some not
     assert any(v > 130 * 1.01 for v in norms.values()) and any(v < 130 * 0.99 for v in norms.values())
     assert engine.sample_rate == pytest.approx(3 / 5) and engine.accountant.total_steps == 1
+
+
+def test_every_packed_row_belongs_to_its_users_records():
+    """The user of each training row (what ULS groups by) is the owner of the record the row
+    came from: its text (≥ 20 characters, which no other record shares) is a piece of one of
+    that user's records."""
+    from vaultkern.data import PackedCorpus, builtin_user_corpus
+    corpus = builtin_user_corpus(80, seed=3)
+    data = PackedCorpus.from_corpus(corpus, 32)
+    index = {u: i for i, u in enumerate(sorted(set(corpus.train_users), key=str))}
+    texts = collections.defaultdict(list)
+    for doc, u in zip(corpus.train_documents, corpus.train_users):
+        texts[index[u]].append(doc)
+    assert len(data.train_row_users) == len(data.train_rows)
+    checked = 0
+    for row, user in zip(data.train_rows, data.train_row_users.tolist()):
+        piece = bytes(t for t in row.tolist() if t < 256).decode("ascii")
+        if len(piece) >= 20:
+            assert any(piece in doc for doc in texts[user]), (piece, user)
+            checked += 1
+    assert checked > len(data.train_rows) // 2

@@ -207,7 +207,7 @@ class PackedCorpus:
             index = {u: i for i, u in enumerate(sorted(set(corpus.train_users), key=str))}
             users = torch.as_tensor(row_owners(corpus.train_documents,
                                                [index[u] for u in corpus.train_users],
-                                               seq_len, tokenizer))
+                                               per_document))
         return cls(train_rows, heldout_rows, list(corpus.canaries), corpus.description, seq_len,
                    max(per_document, default=0), len(corpus.train_documents),
                    len(corpus.heldout_documents), corpus.private_description, users)

@@ -73,12 +73,12 @@ def inputs_and_targets(rows: torch.Tensor,
     return inputs, targets
 
 
-def row_owners(documents: Sequence[str], owners: Sequence[int], seq_len: int,
-               tokenizer: ByteTokenizer = ByteTokenizer()) -> np.ndarray:
-    """The owner (e.g. user) of each row of ``pack_documents(documents, ...)``: documents in
-    the same order, ties (identical documents, hence identical rows) broken by owner."""
-    if len(owners) != len(documents):
-        raise ValueError(f"{len(owners)} owners for {len(documents)} documents")
+def row_owners(documents: Sequence[str], owners: Sequence[int], counts: Sequence[int]) -> np.ndarray:
+    """The owner (e.g. user) of each row of ``pack_documents(documents, ...)``, given the rows
+    per document it returned: documents in the same order, ties (identical documents, hence
+    identical rows and counts) broken by owner."""
+    if len(owners) != len(documents) or len(counts) != len(documents):
+        raise ValueError(f"{len(owners)} owners and {len(counts)} counts for {len(documents)} "
+                         "documents")
     order = sorted(range(len(documents)), key=lambda i: (document_order_key(documents[i]), owners[i]))
-    counts = [len(rows_of_document(documents[i], seq_len, tokenizer)) for i in order]
     return np.repeat(np.asarray([owners[i] for i in order], dtype=np.int64), counts)

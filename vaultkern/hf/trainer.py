@@ -123,8 +123,6 @@ class DPTrainer(Trainer):
         # (k: the most rows one document spans) it states the row unit and a document-level ε
         self.dp_card_data = dict(card_data or {})
         targs = self.args
-        if targs.world_size > 1 and user_ids is not None:
-            raise NotImplementedError("user-level DP (user_ids) runs on one process")
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("DPTrainer needs a train_dataset with a length (N sets q = B̄/N)")
         if target_delta is None:

@@ -171,13 +171,12 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
             target_epsilon, target_delta, q, steps, accountant=acct.kind, **step_kwargs)
     if truncated_max_batch is not None:  # fail now (e.g. RDP), not at the first step
         Accountant(acct.kind).step(noise_multiplier, q, 0, **step_kwargs)
-    # empty Poisson batches go through the caller's loop unchanged (noise-only steps)
-    vk.patch(model, max_grad_norm=max_grad_norm if thresholds is None else thresholds,
-             loss_reduction=loss_reduction, clipping=clipping, allow_empty_batch=True)
     # the sampler's key is its own: SHA-256 of the seed under the sampler's domain
+    # (built before the patch: a refused configuration leaves the model as it was)
     if row_users is not None:
-        if truncated_max_batch is not None or not poisson_sampling:
-            raise ValueError("user-level sampling is plain Poisson over users: no truncation")
+        if truncated_max_batch is not None or not poisson_sampling or is_distributed():
+            raise NotImplementedError("user-level sampling is plain Poisson over users, on one "
+                                      "process: no truncation, no torch.distributed")
         sampler = UserPoissonSampler(row_users, q, steps, max_rows_per_user, seed=dp_seed,
                                      secure=secure)
         if sampler.num_users != dataset_size:
@@ -185,7 +184,7 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
                              f"{sampler.num_users} users (the units)")
     elif poisson_sampling and is_distributed():  # every rank its share of one global batch
         if truncated_max_batch is not None:
-            raise NotImplementedError("truncated Poisson sampling under torch.distributed is not "
+            raise NotImplementedError("truncated_max_batch under torch.distributed is not "
                                       "implemented; use plain Poisson sampling")
         sampler = DistributedPoissonBatchSampler(dataset_size, q, steps, seed=dp_seed,
                                                  secure=secure)
@@ -193,6 +192,9 @@ def assemble(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, da
         sampler = None if not poisson_sampling else PoissonBatchSampler(
             dataset_size, q, steps, max_batch_size=truncated_max_batch, secure=secure,
             seed=dp_seed)
+    # empty Poisson batches go through the caller's loop unchanged (noise-only steps)
+    vk.patch(model, max_grad_norm=max_grad_norm if thresholds is None else thresholds,
+             loss_reduction=loss_reduction, clipping=clipping, allow_empty_batch=True)
     run = DPRun(model, None, sampler, acct, q, float(noise_multiplier), float(expected_batch_size),
                 int(dataset_size), secure, truncated_max_batch, step_kwargs, float(max_grad_norm),
                 dp_seed, update_reduction)

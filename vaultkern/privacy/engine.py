@@ -200,10 +200,6 @@ class PrivacyEngine:
             raise RuntimeError("the module is already patched (vk.patch or another "
                                "PrivacyEngine); pass the model before patching")
         world = world_size()
-        if world > 1:
-            if truncated_max_batch is not None:
-                raise NotImplementedError("truncated_max_batch under torch.distributed is not "
-                                          "implemented; use plain Poisson sampling")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader)}")
         module_params = {id(p) for p in module.parameters()}
@@ -222,10 +218,6 @@ class PrivacyEngine:
             raise ValueError("truncated_max_batch needs poisson_sampling=True")
         if (user_ids is None) != (max_rows_per_user is None):
             raise ValueError("user-level DP needs both user_ids and max_rows_per_user")
-        if user_ids is not None and (world > 1 or not poisson_sampling
-                                     or truncated_max_batch is not None):
-            raise NotImplementedError("user_ids: user-level sampling is plain Poisson over "
-                                      "users, on one process")
         if user_ids is not None and len(user_ids) != len(data_loader.dataset):
             raise ValueError(f"user_ids has {len(user_ids)} entries for "
                              f"{len(data_loader.dataset)} examples")

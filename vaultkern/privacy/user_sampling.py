@@ -94,7 +94,8 @@ def group_microbatches(groups: torch.Tensor, max_rows: int) -> List[Tuple[int, i
     """(start, end) of consecutive micro-batches of at most ``max_rows`` rows that never split
     a group (``groups`` sorted by group, as :class:`UserPoissonSampler` yields them): a user's
     clip needs all of its rows in one backward pass."""
-    bounds = [0] + [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]] + [len(groups)]
+    changes = (torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist()
+    bounds = [0] + changes + [len(groups)]
     chunks, start = [], 0
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b - a > max_rows:

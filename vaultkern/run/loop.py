@@ -159,7 +159,7 @@ class TrainingRun:
         self.rows, self.row_users, self.users = self.data.train_rows, None, None
         if user_sampling(args):
             self.users = user_rows(self.data, args)
-            self.rows, self.row_users = self.users.rows, self.users.row_users
+            self.row_users = self.users.row_users
         self.units = self.users.units if self.users else len(self.rows)
 
     def _build_model_and_optimizer(self, resuming: bool) -> None:

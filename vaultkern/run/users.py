@@ -30,11 +30,10 @@ def user_sampling(args) -> Optional[str]:
 
 @dataclass
 class UserRows:
-    rows: torch.Tensor                  # the training rows (ELS: after the per-user cap)
     row_users: Optional[np.ndarray]     # ULS: user index of each row; ELS: None
-    units: int                          # N for the plan: users (ULS) or kept rows (ELS)
+    units: int                          # N for the plan: users (ULS) or rows (ELS)
     num_users: int
-    max_rows_per_user: int              # k (ULS: per step) or the largest kept count (ELS)
+    max_rows_per_user: int              # k (ULS: per step) or the largest count kept (ELS)
 
 
 def row_hash(row: torch.Tensor) -> float:
@@ -43,17 +42,15 @@ def row_hash(row: torch.Tensor) -> float:
 
 
 def user_rows(data, args) -> UserRows:
-    """The rows and units of a user-level run from a PackedCorpus with users."""
+    """The units of a user-level run from a PackedCorpus with users (for ELS already capped
+    by :func:`apply_els_cap` when the data was built)."""
     if data.train_row_users is None:
         raise ValueError("--privacy-unit user: this data has no users (the run directory's "
                          "data was packed without them)")
     users, num_users = dense_users(data.train_row_users.numpy())
-    k = args.max_rows_per_user
     if args.user_sampling == "uls":
-        return UserRows(data.train_rows, users, num_users, num_users, k)
-    kept = cap_rows_per_user(users, k, [row_hash(r) for r in data.train_rows])
-    largest = int(np.bincount(users[kept]).max())
-    return UserRows(data.train_rows[torch.as_tensor(kept)], None, len(kept), num_users, largest)
+        return UserRows(users, num_users, num_users, args.max_rows_per_user)
+    return UserRows(None, len(users), num_users, int(np.bincount(users).max()))
 
 
 def apply_els_cap(data, args):
