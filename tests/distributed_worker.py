@@ -45,16 +45,78 @@ def train(m, sigma, rank, world, steps, accumulate=False, seed=None, secure=Fals
     return {n.replace("module.", ""): p.detach().clone() for n, p in m.named_parameters()}
 
 
-def engine_run(sigma, world, steps=3, per_rank_batch=4):
-    """PrivacyEngine on the whole dataset (every rank the same loader), then DDP: each rank
-    trains on its share of one global Poisson batch of expected size world·per_rank_batch."""
+def sharded(m, patch_first, **patch_kw):
+    """FSDP2 on every block and the root, patched before or after sharding."""
+    from torch.distributed.fsdp import fully_shard
+    if patch_first:
+        vk.patch(m, **patch_kw)
+    for block in m.blocks:
+        fully_shard(block)
+    fully_shard(m)
+    return m if patch_first else vk.patch(m, **patch_kw)
+
+
+def full(params):
+    """{name: the full tensor} of (possibly sharded) parameters: every rank gathers all."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in params}
+
+
+def fsdp_train(m, sigma, rank, world, steps, accumulate=False, seed=5, secure=False):
+    opt = vk.DPOptimizer(torch.optim.SGD(m.parameters(), lr=LR), noise_multiplier=sigma,
+                         max_grad_norm=C, expected_batch_size=B, loss_reduction="sum",
+                         seed=None if secure else seed, secure_mode=secure)
+    for step in range(steps):
+        rows = data(step).chunk(world)[rank]
+        parts = (rows[:1], rows[1:]) if accumulate else (rows,)
+        for part in parts:  # several backward passes accumulate into the shards
+            lm_loss(m, (part,)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return full(m.named_parameters()), opt
+
+
+def fsdp_scenario(rank, world):
+    """Single process vs FSDP2 (both patch orders), after 1 and 3 steps: σ = 0, σ = 1 with
+    a seed (the noise too must be the single-process draw), per-layer clipping, and two
+    backward passes per step; σ = 1 with the default seed and with secure noise."""
+    result = {"init": full(model().named_parameters())}
+    cases = {"sigma0": dict(sigma=0.0), "seeded": dict(sigma=1.0),
+             "accumulate": dict(sigma=0.0, accumulate=True),
+             "per_layer": dict(sigma=0.0, patch_kw=dict(clipping="per_layer"))}
+    for case, kw in cases.items():
+        patch_kw = dict(max_grad_norm=C, **kw.pop("patch_kw", {}))
+        for steps in (1, STEPS):
+            single, _ = fsdp_train(vk.patch(model(), **patch_kw), kw["sigma"], 0, 1, steps)
+            for patch_first in (True, False):
+                got, _ = fsdp_train(sharded(model(), patch_first, **patch_kw), kw["sigma"], rank,
+                                    world, steps, accumulate=kw.get("accumulate", False))
+                result[(case, steps, patch_first)] = (single, got)
+    base, _ = fsdp_train(sharded(model(), True, max_grad_norm=C), 0.0, rank, world, 1)
+    for mode in ("default_seed", "secure"):
+        noisy, opt = fsdp_train(sharded(model(), True, max_grad_norm=C), 1.0, rank, world, 1,
+                                seed=None, secure=mode == "secure")
+        result[mode] = {"base": base, "noisy": noisy,
+                        "key": opt.seed if mode != "secure" else opt._secure_key_seed}
+    return result
+
+
+def engine_run(sigma, world, steps=3, per_rank_batch=4, fsdp=False):
+    """PrivacyEngine on the whole dataset (every rank the same loader), then DDP (or, with
+    ``fsdp``, a model sharded by fully_shard before make_private): each rank trains on its
+    share of one global Poisson batch of expected size world·per_rank_batch."""
     from torch.utils.data import DataLoader
     m = model()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in m.blocks:
+            fully_shard(block)
+        fully_shard(m)
     m, opt, loader = vk.PrivacyEngine().make_private(
         module=m, optimizer=torch.optim.SGD(m.parameters(), lr=LR),
         data_loader=DataLoader(ENGINE_DATA, batch_size=per_rank_batch), noise_multiplier=sigma,
         max_grad_norm=C, seed=123)
-    ddp = nn.parallel.DistributedDataParallel(m) if world > 1 else m
+    ddp = nn.parallel.DistributedDataParallel(m) if world > 1 and not fsdp else m
     def forever():  # passes of different lengths (4 vs 2 batches): the draws continue
         while True:
             yield from loader
@@ -65,7 +127,7 @@ def engine_run(sigma, world, steps=3, per_rank_batch=4):
         lm_loss(ddp, (rows,)).mean().backward()
         opt.step()
         opt.zero_grad()
-    return {"params": {n: p.detach().clone() for n, p in m.named_parameters()}, "rows": seen}
+    return {"params": full(m.named_parameters()), "rows": seen}
 
 
 ENGINE_DATA = list(torch.randint(0, 29, (16, 9), generator=torch.Generator().manual_seed(7)))
@@ -89,6 +151,10 @@ def worker(rank, world, scenario, port, out):
             noisy = train(nn.parallel.DistributedDataParallel(vk.patch(model(), max_grad_norm=C)),
                           1.0, rank, world, 1, secure=scenario == "secure")
             result = {"base": base, "noisy": noisy}
+        elif scenario == "fsdp":
+            result = fsdp_scenario(rank, world)
+        elif scenario == "fsdp_engine":
+            result = {sigma: engine_run(sigma, world, fsdp=True) for sigma in (0.0, 1.0)}
         elif scenario == "engine":
             result = {"secure": train(nn.parallel.DistributedDataParallel(
                           vk.patch(model(), max_grad_norm=C)), 1.0, rank, world, 1, secure=True)}
@@ -106,19 +172,20 @@ def worker(rank, world, scenario, port, out):
                 vk.patch(nn.parallel.DistributedDataParallel(model()))
             except RuntimeError as exc:
                 errors.append(str(exc))
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
-            patched_first = vk.patch(model())   # patched, then sharded
-            fully_shard(patched_first)
-            try:
-                lm_loss(patched_first, (data(0).chunk(world)[rank],)).sum().backward()
-            except vk.UnsupportedModuleError as exc:
-                errors.append(str(exc))
-            sharded_first = model()             # sharded, then patched
-            fully_shard(sharded_first)
-            try:
-                vk.patch(sharded_first)
-            except vk.UnsupportedModuleError as exc:
-                errors.append(str(exc))
+            blocks_only = vk.patch(model())  # the root's own parameters left unsharded
+            for block in blocks_only.blocks:
+                fully_shard(block)
+            hsdp = model()                   # a 2-D (replicate x shard) mesh
+            fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, world),
+                                                   mesh_dim_names=("replicate", "shard")))
+            for call in (lambda: lm_loss(blocks_only, (data(0).chunk(world)[rank],)),
+                         lambda: vk.patch(hsdp)):
+                try:
+                    call()
+                except (vk.UnsupportedModuleError, RuntimeError) as exc:
+                    errors.append(str(exc))
             try:  # not implemented for several ranks
                 from torch.utils.data import DataLoader
                 pm = model()

@@ -55,15 +55,55 @@ def test_noise_once_and_identical_on_every_rank(tmp_path):
 
 
 def test_unsupported_modes_are_refused(tmp_path):
-    """DDP flags that would keep or lose the clipped sums, DDP before patching, FSDP2
-    (patched before or after fully_shard), secure noise across ranks and PrivacyEngine's
-    whole-dataset sampling on every rank: each a clear error, never silent training."""
+    """DDP flags that would keep or lose the clipped sums, DDP before patching, FSDP2 layouts
+    vaultkern cannot reduce (root parameters left unsharded, HSDP's 2-D mesh) and truncated Poisson across ranks: each a clear error, never silent training."""
     errors = run("refusals", tmp_path)[0]["errors"]
     assert len(errors) == 6, errors
     assert "find_unused_parameters" in errors[0] and "static_graph" in errors[1]
     assert "before wrapping it in DistributedDataParallel" in errors[2]
-    assert all("FSDP" in e for e in errors[3:5])
+    assert "'embed.weight' is not sharded" in errors[3] and "root" in errors[3]
+    assert "2-D mesh" in errors[4]
     assert "truncated_max_batch under torch.distributed" in errors[5]
+
+
+def test_fsdp2_step_equals_one_process_on_the_whole_batch(tmp_path):
+    """FSDP2 (fully_shard on the blocks and the root, tied embeddings), patched before or
+    after sharding: after 1 and 3 steps the gathered parameters equal one process on the
+    whole batch: σ = 0, σ = 1 with a seed (each shard noised at its global offset: the very
+    single-process noise), per-layer clipping, two backward passes per step."""
+    ranks = run("fsdp", tmp_path)
+    init = ranks[0]["init"]
+    cases = [k for k in ranks[0] if isinstance(k, tuple)]
+    assert len(cases) == 16
+    for key in cases:
+        for r in ranks:
+            single, got = r[key]
+            assert sum(float((single[n] - init[n]).norm()) for n in single) > 0, key
+            for n in single:  # (a key bias gets no gradient: softmax ignores it; updates ~1e-2)
+                update = (single[n] - init[n]).norm().clamp(min=1e-6)
+                err = float((got[n] - single[n]).norm() / update)
+                assert err <= 1e-9, (key, n, err)
+    for mode in ("default_seed", "secure"):
+        a, b = (r[mode] for r in ranks)
+        assert a["key"] is not None and a["key"] == b["key"], mode  # rank 0's, on both
+        for n in a["noisy"]:
+            assert torch.equal(a["noisy"][n], b["noisy"][n]), (mode, n)
+        # noise once: noisy - plain = -lr·σC·ξ, std lr·σC (not √2 times it)
+        diff = torch.cat([(a["noisy"][n] - a["base"][n]).flatten() for n in a["noisy"]])
+        assert diff.numel() > 4000
+        assert abs(float(diff.std()) / (0.5 * 1.0 * 0.05) - 1) < 0.08, (mode, float(diff.std()))
+
+
+def test_privacy_engine_under_fsdp2_equals_one_process(tmp_path):
+    """PrivacyEngine.make_private on a model sharded with fully_shard (the optimizer over its
+    DTensor parameters) on 2 ranks = one process with the global B̄, same seed."""
+    from distributed_worker import engine_run
+    ranks = run("fsdp_engine", tmp_path)
+    for sigma in (0.0, 1.0):
+        single = engine_run(sigma, world=1, per_rank_batch=8)
+        for n, p in single["params"].items():
+            for r in ranks:
+                torch.testing.assert_close(r[sigma]["params"][n], p, rtol=1e-9, atol=1e-12)
 
 
 def test_privacy_engine_under_ddp_equals_one_process(tmp_path):

@@ -63,7 +63,9 @@ class BookKeeper:
         self.last_norms: Optional[torch.Tensor] = None
         self.row_mask: Optional[torch.Tensor] = None   # for the next backward (set_row_mask)
         self.group_ids: Optional[torch.Tensor] = None  # for the next backward (set_group_ids)
-        self.after_write = None  # DDP's bucket sync (vaultkern.core.distributed), if any
+        # where clipped sums go across ranks: DDP's bucket sync (core/distributed.py) or
+        # FSDP2's reduce-scatter into the shards (core/sharded.py); None: into p.grad
+        self.sync = None
         # MixOpt: bytes of per-example weight gradients a backward may keep instead of
         # factored forms (see handlers._linear_like); "used" resets with every backward
         self.per_example_budget = 0
@@ -108,11 +110,11 @@ class BookKeeper:
         try:
             with torch.no_grad():
                 self._clip_and_write(groups)
-                if self.after_write is not None:
-                    self.after_write.resolve()
+                if self.sync is not None:
+                    self.sync.resolve()
         except BaseException as exc:
-            if self.after_write is not None:  # DDP waits on these: fail them, do not hang
-                self.after_write.resolve(exc)
+            if self.sync is not None:  # DDP waits on these: fail them, do not hang
+                self.sync.resolve(exc)
             raise
         finally:
             groups.clear()
@@ -177,8 +179,9 @@ class BookKeeper:
             forms = clipping.zero_units(forms, ~nonfinite)
             _, totals = self._clip(forms, units, acc, scale)
         self.last_norms = norms.detach()
-        for param, total in totals:
-            _accumulate(param, total)
+        write = accumulate if self.sync is None else self.sync.write
+        for param, make_total in totals:
+            write(param, make_total)
 
     def _clip(self, forms, units: int, acc, scale: float):
         """(norms before clipping [U], [(param, Σ_u clip_u G_u)])."""
@@ -214,8 +217,9 @@ def _check_rows(t: torch.Tensor, rows: int, what: str) -> None:
                                f"pass over {rows} rows (one value per row)")
 
 
-def _accumulate(param: nn.Parameter, total: torch.Tensor) -> None:
-    """param.grad += total (created if None), in the parameter's dtype."""
+def accumulate(param: nn.Parameter, make_total) -> None:
+    """param.grad += make_total() (created if None), in the parameter's dtype."""
+    total = make_total()
     if total.dtype != param.dtype:
         total = total.to(param.dtype)
     if param.grad is None:

@@ -14,7 +14,8 @@ Policies (``clipping=``):
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -116,21 +117,24 @@ def _cross_terms(forms: Sequence[GradForm], acc):
 
 # --- sums ------------------------------------------------------------------------------------
 
-def flat_totals(split: tuple, clip: torch.Tensor, acc) -> List[Tuple[nn.Parameter, torch.Tensor]]:
-    """Σ_u clip_u G_u for every parameter, one clip vector for all."""
+def flat_totals(split: tuple, clip: torch.Tensor, acc) -> List[Tuple[nn.Parameter, Callable]]:
+    """[(param, make)]: ``make()`` computes Σ_u clip_u G_u of that parameter (one clip vector
+    for all), so a caller can form, write and free one parameter's sum at a time."""
     small, stacked, rest = split
     totals = []
     if small:
         sums = (clip.to(acc) @ stacked).split([p.numel() for p, _ in small])
-        totals += [(param, total.view(param.shape)) for (param, _), total in zip(small, sums)]
+        totals += [(param, functools.partial(total.view, param.shape))
+                   for (param, _), total in zip(small, sums)]
     # One GEMM per layer: stacking same-shape layers into one batched GEMM saved launches
     # but its copies cost more GPU time than it saved (bench/NOTES.md, stacking A/B).
-    totals += [(param, _summed(forms, clip, param)) for param, forms in rest]
+    totals += [(param, functools.partial(_summed, forms, clip, param)) for param, forms in rest]
     return totals
 
 
 def per_parameter_totals(groups: Groups, clips: Sequence[torch.Tensor]):
-    return [(param, _summed(forms, clip, param)) for (param, forms), clip in zip(groups, clips)]
+    return [(param, functools.partial(_summed, forms, clip, param))
+            for (param, forms), clip in zip(groups, clips)]
 
 
 def _summed(forms, clip, param):

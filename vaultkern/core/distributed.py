@@ -15,8 +15,7 @@ synchronising backward. One all-reduce per DDP bucket, not per parameter.
 ``find_unused_parameters=True`` and ``static_graph=True`` are refused (the first
 keeps each rank's own sum, the second reduces before the sums exist).
 
-FSDP2 (``fully_shard``) is refused with a clear error: its sharded parameters
-would otherwise take unclipped gradients.
+FSDP2 (``fully_shard``) is :mod:`vaultkern.core.sharded`.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from vaultkern.core.bookkeeping import accumulate
 from vaultkern.core.errors import UnsupportedModuleError
 
 
@@ -63,6 +63,8 @@ class BucketSync:
 
     def __getstate__(self):  # a copy is not attached to any DDP wrapper
         return {"process_group": None, "pending": []}
+
+    write = staticmethod(accumulate)  # the local clipped sums go into p.grad first
 
     def resolve(self, error: Optional[BaseException] = None) -> None:
         """Complete every pending bucket (at the end of the backward pass)."""
@@ -109,21 +111,5 @@ def attach_ddp(state) -> None:
     ddp.register_comm_hook(sync, _comm_hook)
     ddp._vaultkern_attached = True
     state.bucket_sync = sync
-    state.bookkeeper.after_write = sync
+    state.bookkeeper.sync = sync
 
-
-def refuse_sharded(model: torch.nn.Module) -> None:
-    """FSDP2 is not supported yet: say so instead of training on unclipped gradients."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return
-    sharded = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
-    dtensors = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
-    if sharded or dtensors:
-        where = (sharded or dtensors)[0] or "<root>"
-        raise UnsupportedModuleError(
-            f"vaultkern: '{where}' is sharded with FSDP (fully_shard / DTensor parameters), "
-            "which vaultkern does not support yet: its gradients would bypass per-example "
-            "clipping. Use DistributedDataParallel (patch the model, then wrap it).")

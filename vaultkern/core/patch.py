@@ -27,8 +27,10 @@ from torch import nn
 from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
 from vaultkern.core.clipping import POLICIES, thresholds_for
 from vaultkern.core.capture import Capture, CaptureMode
-from vaultkern.core.distributed import attach_ddp, refuse_sharded
+from vaultkern.core import sharded
+from vaultkern.core.distributed import attach_ddp
 from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
+from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
 LOSS_REDUCTIONS = ("sum", "mean")
@@ -74,14 +76,22 @@ class _PatchState:
     # -- runtime --------------------------------------------------------------------------
     def runtime(self):
         if self._runtime is None:
-            refuse_sharded(self.model)
             capture = Capture(self)
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            if sharded.is_sharded(self.model):  # FSDP2: the layers read unsharded parameters
+                sharded.check_supported(self.model)
+                unsharded = sharded.unsharded_parameters(self.model)
+                params = [(n, unsharded[id(p)]) for n, p in params]
+                self.bookkeeper.sync = sharded.ShardSync(self.model)
+                # every captured layer's output is a view (an identity node in front of it),
+                # so FSDP would warn on each sharded module's output: a view is only unsafe
+                # under an in-place op, which the README asks FSDP users not to do
+                warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) "
+                                        r"returned a view tensor", category=UserWarning)
             capture.track_parameters(params, self.model.buffers())
             if self.bookkeeper.clipping == "per_layer":
                 self.bookkeeper.thresholds = thresholds_for(
-                    [p for p in self.model.parameters() if p.requires_grad],
-                    self.bookkeeper.max_grad_norm)
+                    [p for _, p in params], self.bookkeeper.max_grad_norm)
             for name, p in params:
                 if not any(isinstance(h, _Guard) for h in (p._backward_hooks or {}).values()):
                     p.register_hook(_Guard(name))
@@ -304,7 +314,8 @@ def patch(model: nn.Module, max_grad_norm: Union[float, Sequence[float]] = 1.0,
             "vaultkern: patch the model before wrapping it in DistributedDataParallel: "
             "vk.patch(model); ddp = DistributedDataParallel(model) (DDP has already set up its "
             "gradient reduction for the unpatched model)")
-    refuse_sharded(model)
+    if sharded.is_sharded(model):
+        sharded.check_supported(model)
     if clipping not in POLICIES:
         raise ValueError(f"vaultkern: clipping must be one of {POLICIES}, got {clipping!r}")
     if isinstance(max_grad_norm, (list, tuple)):
@@ -352,7 +363,7 @@ _HOOK_TYPES = (_EnterCapture, _ExitCapture, _ModelStart, _ModelEnd)
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: no hooks, no state. Returns the model."""
-    _state(model)
+    state_of(model)
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
@@ -366,55 +377,3 @@ def unpatch(model: nn.Module) -> nn.Module:
             del hooks[key]
     del model._vaultkern
     return model
-
-
-def _state(model: nn.Module) -> _PatchState:
-    state = getattr(model, "_vaultkern", None)
-    if state is None:
-        raise RuntimeError("vaultkern: model is not patched (call vk.patch(model, ...) first)")
-    return state
-
-
-def last_norms(model: nn.Module) -> Optional[torch.Tensor]:
-    """[B] per-example gradient norms (before clipping) of the model's last backward."""
-    return _state(model).bookkeeper.last_norms
-
-
-def bookkeeper(model: nn.Module) -> BookKeeper:
-    return _state(model).bookkeeper
-
-
-def set_row_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> None:
-    """Rows where ``mask`` is False contribute exactly 0 to the next backward's clipped sum,
-    whatever the loss does with them (padding rows of a fixed-shape batch)."""
-    if mask is not None:
-        mask = torch.as_tensor(mask).bool().flatten()
-    _state(model).bookkeeper.row_mask = mask
-
-
-def set_group_ids(model: nn.Module, ids: Optional[torch.Tensor]) -> None:
-    """Rows with the same id form one privacy unit for the next backward: the clipped
-    quantity is their *summed* gradient (user-level DP); ``last_norms`` is then per group,
-    in the order of the sorted ids. Groups need not be contiguous or equal in size."""
-    if ids is not None:
-        ids = torch.as_tensor(ids).flatten()
-        if ids.is_floating_point():
-            raise TypeError(f"vaultkern: group ids must be integers, got {ids.dtype}")
-    _state(model).bookkeeper.group_ids = ids
-
-
-def patched_sites(model: nn.Module) -> List[Site]:
-    """The modules that run under capture, with what they consumed so far."""
-    return list(_state(model).sites.values())
-
-
-def summary(model: nn.Module) -> str:
-    """One line per captured module: its trainable parameters and how they were consumed
-    (known after the first forward; "generic" marks the slower torch.func path)."""
-    state = _state(model)
-    lines = [f"vaultkern patch of {type(model).__name__}: C={state.bookkeeper.max_grad_norm}, "
-             f"loss_reduction={state.bookkeeper.loss_reduction!r}"]
-    for site in state.sites.values():
-        how = ", ".join(sorted(site.kinds)) or "not run yet"
-        lines.append(f"  {site.describe()}: {', '.join(sorted(site.owned)) or '(reads others)'} -> {how}")
-    return "\n".join(lines)

@@ -48,8 +48,6 @@ class _Probe:
         self.state, self.capture = state, state.capture
         self.paths = {id(m): p for p, m in model.named_modules()}
         self.modules = {id(m): m for m in model.modules()}
-        self.owned = {id(m): {id(p) for p in m.parameters(recurse=False) if p.requires_grad}
-                      for m in model.modules()}
         self.readers = {id(m) for p, m in model.named_modules() if (p or "<root>") in state.sites}
         self.stack: List[nn.Module] = []
         self.records: List[Tuple[str, str, List[torch.Tensor]]] = []
@@ -128,8 +126,16 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
 def check_layout(state, model: nn.Module, args, kwargs) -> None:
     """Run the two probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
+    from vaultkern.core.sharded import ShardSync, max_over_ranks
     B = state.batch
-    if B == 0:
+    changed = [(example, c) for example in ((0, B - 1) if B >= 2 else ())
+               if (c := _perturbed(args, kwargs, example)) is not None]
+    wanted = 1 + len(changed) if B else 0
+    forwards = wanted
+    state.runtime()  # built before the first forward (it sets up FSDP's sink)
+    if isinstance(state.bookkeeper.sync, ShardSync):
+        forwards = max_over_ranks(wanted)  # FSDP all-gathers in each: as many on every rank
+    if not forwards:
         return
     state.layout_checked = True
     probe = _Probe(state, model)
@@ -137,11 +143,9 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     state.probing = True
     try:
         first = _run(probe, model, args, kwargs)
-        runs = []
-        for example in ((0, B - 1) if B >= 2 else ()):
-            changed = _perturbed(args, kwargs, example)
-            if changed is not None:
-                runs.append((example, _run(probe, model, *changed)))
+        runs = [(example, _run(probe, model, *c)) for example, c in changed]
+        for _ in range(forwards - max(wanted, 1)):  # matching another rank's collectives
+            _run(probe, model, args, kwargs)
     finally:
         state.probing = False
         with torch.no_grad():

@@ -44,6 +44,7 @@ import torch
 from torch.optim import Optimizer
 
 from vaultkern.core.distributed import is_distributed, shared_random_seed
+from vaultkern.core.sharded import is_sharded_tensor, local_shard, max_over_ranks
 from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
 _STATE_KEY = "vaultkern_dp"
@@ -195,33 +196,41 @@ class DPOptimizer(Optimizer):
     def check_gradients(self) -> None:
         """Raise if any gradient is sparse or not finite (nothing is modified).
 
-        One host-device synchronisation for all parameters (not one per parameter)."""
-        with_grad = [(index, p) for index, p in enumerate(self.params) if p.grad is not None]
+        One host-device synchronisation for all parameters (not one per parameter); under
+        FSDP2 each rank checks its shards and every rank raises if any rank found one."""
+        params = self.params
+        with_grad = [(index, p) for index, p in enumerate(params) if p.grad is not None]
         for index, p in with_grad:
             if p.grad.is_sparse:
                 raise ValueError(
                     f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
                     "DPOptimizer needs dense gradients (use nn.Embedding(sparse=False))")
-        if not with_grad:
-            return
-        # one multi-tensor reduction: a NaN/inf anywhere makes that parameter's norm
-        # non-finite (a finite gradient overflowing fp32 in its norm, > ~1e19, counts too)
-        grads = [p.grad for _, p in with_grad]
-        device = grads[0].device
-        norms = torch._foreach_norm(grads, 2.0)
-        finite = torch.isfinite(torch.stack([n.to(device) for n in norms]))
-        if not bool(finite.all()):
-            index, p = with_grad[int((~finite).nonzero()[0])]
+        bad = None
+        if with_grad:
+            # one multi-tensor reduction: a NaN/inf anywhere makes that parameter's norm
+            # non-finite (a finite gradient overflowing fp32 in its norm, > ~1e19, counts too)
+            grads = [local_shard(p.grad)[0] for _, p in with_grad]
+            device = grads[0].device
+            norms = torch._foreach_norm(grads, 2.0)
+            finite = torch.isfinite(torch.stack([n.to(device) for n in norms]))
+            if not bool(finite.all()):
+                bad = with_grad[int((~finite).nonzero()[0])]
+        elsewhere = any(is_sharded_tensor(p) for p in params) and max_over_ranks(bad is not None)
+        if bad is not None or elsewhere:
+            where = (f"in parameter {bad[0]} of shape {tuple(bad[1].shape)}" if bad is not None
+                     else "in another rank's shard of the gradients")
             raise FloatingPointError(
-                f"non-finite gradient (NaN or inf) in parameter {index} of shape "
-                f"{tuple(p.shape)}; optimizer step not taken, parameters unchanged")
+                f"non-finite gradient (NaN or inf) {where}; optimizer step not taken, "
+                "parameters unchanged")
 
     def add_noise(self) -> None:
         """p.grad <- (p.grad + σC·ξ)·s for every trainable p (None -> zeros), in place.
 
         Reproducible mode noises all gradients with one multi-tensor op (one kernel
         launch per dtype on CUDA); ξ of parameter k depends on (seed, step, offset_k)
-        only, offset_k = the number of elements of the parameters before it."""
+        only, offset_k = the number of elements of the parameters before it. A shard of
+        an FSDP2 gradient is noised with the counters of its place in the full tensor, so
+        the ranks together add exactly the single-process noise."""
         std, scale = self.noise_std, self.grad_scale
         params = self.params
         for p in params:
@@ -229,7 +238,8 @@ class DPOptimizer(Optimizer):
                 p.grad = torch.zeros_like(p)
             elif p.grad.dtype != p.dtype or not p.grad.is_contiguous():
                 p.grad = p.grad.to(p.dtype).contiguous()
-        grads = [p.grad for p in params]
+        shards = [local_shard(p.grad) for p in params]
+        grads = [g for g, _ in shards]
         if std == 0.0:
             torch._foreach_mul_(grads, scale)
         elif self.secure_mode and self._secure_key_seed is None:
@@ -237,8 +247,8 @@ class DPOptimizer(Optimizer):
                 g.copy_(secure_noisy_scale(g, std, scale))
         else:
             offsets, offset = [], 0
-            for p in params:
-                offsets.append(offset)
+            for p, (_, start) in zip(params, shards):
+                offsets.append(offset + start)
                 offset += p.numel()
             seed = self.seed if self._secure_key_seed is None else self._secure_key_seed
             noisy_scale_many(grads, std, scale, seed=seed, step=self.steps_taken, offsets=offsets)

@@ -234,7 +234,7 @@ def finetune(args) -> dict:
                            "release this model")
     release = os.path.join(args.out, RELEASE_DIR)
     trainer.save_model(release)  # weights (or adapters), tokenizer, model card
-    from vaultkern.core.patch import bookkeeper
+    from vaultkern.core.queries import bookkeeper
     final = heldout_loss(trainer.model, data.heldout_rows, tokenizer.PAD, device)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     private = {

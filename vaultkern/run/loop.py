@@ -218,7 +218,7 @@ class TrainingRun:
         """Examples dropped (clip factor 0) for a NaN/inf gradient norm, over the whole run."""
         if not self.plan.dp:
             return None
-        from vaultkern.core.patch import bookkeeper
+        from vaultkern.core.queries import bookkeeper
         return self.nonfinite_earlier + bookkeeper(self.model).nonfinite_examples
 
     def save_checkpoint(self) -> None:
