@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -101,6 +102,63 @@ def fsdp_scenario(rank, world):
     return result
 
 
+class TwoLinear(nn.Module):
+    """A [1, 7] weight: with 2 ranks one shard is empty."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(9, 7), nn.Linear(7, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=29, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=True)).double()
+
+
+def fsdp_models_scenario(rank, world):
+    """A transformers Llama (tied, GQA, RoPE) sharded per decoder layer, and a model with an
+    empty shard, with FSDP's default and reshard_after_forward=False; AdamW, σ = 1 seeded:
+    {(kind, reshard): (single-process weights, gathered FSDP weights, initial weights)}."""
+    from torch.distributed.fsdp import fully_shard
+
+    def loss(m, rows):
+        if isinstance(m, TwoLinear):
+            return m(rows.double() / 29).square().sum()
+        logits = m(input_ids=rows).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                               reduction="sum")
+
+    def train_adamw(m, r, w):
+        opt = vk.DPOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), noise_multiplier=1.0,
+                             max_grad_norm=C, expected_batch_size=B, loss_reduction="sum",
+                             seed=3)
+        for step in range(2):
+            loss(m, data(step).chunk(w)[r]).backward()
+            opt.step()
+            opt.zero_grad()
+        return full(m.named_parameters())
+
+    result = {}
+    for kind, make in (("llama", llama), ("empty_shard", lambda: TwoLinear().double())):
+        single = train_adamw(vk.patch(make(), max_grad_norm=C), 0, 1)
+        for reshard in (True, False):
+            m = make()
+            for sub in (m.model.layers if kind == "llama" else [m.a]):
+                fully_shard(sub, reshard_after_forward=reshard)
+            fully_shard(m, reshard_after_forward=reshard)
+            got = train_adamw(vk.patch(m, max_grad_norm=C), rank, world)
+            result[(kind, reshard)] = (single, got, full(make().named_parameters()))
+    return result
+
+
 def engine_run(sigma, world, steps=3, per_rank_batch=4, fsdp=False):
     """PrivacyEngine on the whole dataset (every rank the same loader), then DDP (or, with
     ``fsdp``, a model sharded by fully_shard before make_private): each rank trains on its
@@ -153,6 +211,8 @@ def worker(rank, world, scenario, port, out):
             result = {"base": base, "noisy": noisy}
         elif scenario == "fsdp":
             result = fsdp_scenario(rank, world)
+        elif scenario == "fsdp_models":
+            result = fsdp_models_scenario(rank, world)
         elif scenario == "fsdp_engine":
             result = {sigma: engine_run(sigma, world, fsdp=True) for sigma in (0.0, 1.0)}
         elif scenario == "engine":

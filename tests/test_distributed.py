@@ -94,6 +94,21 @@ def test_fsdp2_step_equals_one_process_on_the_whole_batch(tmp_path):
         assert abs(float(diff.std()) / (0.5 * 1.0 * 0.05) - 1) < 0.08, (mode, float(diff.std()))
 
 
+def test_fsdp2_on_a_transformers_llama_and_an_empty_shard(tmp_path):
+    """A transformers Llama sharded per decoder layer (tied embeddings, GQA) and a model whose
+    [1, 7] weight leaves one rank an empty shard, with reshard_after_forward True and False,
+    2 AdamW steps at σ = 1 (seeded): the gathered weights equal one process's."""
+    ranks = run("fsdp_models", tmp_path)
+    assert len(ranks[0]) == 4
+    for r in ranks:
+        for key, (single, got, init) in r.items():
+            for n in single:
+                update = (single[n] - init[n]).norm()
+                assert float(update) > 0, (key, n)
+                err = float((got[n] - single[n]).norm() / update)
+                assert err <= 1e-9, (key, n, err)
+
+
 def test_privacy_engine_under_fsdp2_equals_one_process(tmp_path):
     """PrivacyEngine.make_private on a model sharded with fully_shard (the optimizer over its
     DTensor parameters) on 2 ranks = one process with the global B̄, same seed."""

@@ -52,7 +52,7 @@ class Tracked:
 
 
 # Calls whose result carries no gradient: they run on the original arguments.
-_DETACHING = {torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.requires_grad_,
+DETACHING = {torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.requires_grad_,
               torch.Tensor.data.__get__, torch.Tensor.grad.__get__,
               torch.Tensor.requires_grad.__get__, torch.Tensor.is_leaf.__get__,
               torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.tolist,
@@ -185,7 +185,7 @@ class Capture:
     # -- dispatch -----------------------------------------------------------------------------
     def dispatch(self, func, args, kwargs):
         from vaultkern.core import handlers  # the handlers import this module
-        if func in _DETACHING:
+        if func in DETACHING:
             return func(*args, **kwargs)
         handler = handlers.HANDLERS.get(func)
         if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)

@@ -27,7 +27,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from vaultkern.core.capture import DETACHING
 from vaultkern.core.errors import BatchLayoutError
+from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 
 _TOLERANCE = 1e-5  # relative: non-deterministic kernels (atomics) differ by ~1e-7
 
@@ -61,6 +63,8 @@ class _Probe:
             self.stack.pop()
 
     def see(self, func, args, kwargs):
+        if func in DETACHING:  # reads no values (FSDP's own bookkeeping does these too)
+            return
         cap = self.capture
         leaves, _ = tree_flatten((args, kwargs))
         params = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in cap.params]
@@ -114,9 +118,13 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
     devices = sorted({b.device.index or 0 for b in model.parameters() if b.is_cuda})
     pre = nn.modules.module.register_module_forward_pre_hook(probe.pre)
     post = nn.modules.module.register_module_forward_hook(probe.post, always_call=True)
+    # An FSDP root has already all-gathered its parameters for the forward the probe runs
+    # in (its pre-forward hook precedes vaultkern's); calling it again would reshard them
+    # when the inner call returns, so only its forward runs (its submodules' hooks all run).
+    call = model.forward if is_fsdp_module(model) else model
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _Observe(probe):
-            model(*args, **kwargs)
+            call(*args, **kwargs)
     finally:
         pre.remove()
         post.remove()
@@ -126,7 +134,6 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
 def check_layout(state, model: nn.Module, args, kwargs) -> None:
     """Run the two probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
-    from vaultkern.core.sharded import ShardSync, max_over_ranks
     B = state.batch
     changed = [(example, c) for example in ((0, B - 1) if B >= 2 else ())
                if (c := _perturbed(args, kwargs, example)) is not None]

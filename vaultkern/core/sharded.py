@@ -42,15 +42,19 @@ def _fsdp_types():
 
 def fsdp_params(model: nn.Module) -> list:
     """FSDP's records (FSDPParam) of the parameters of every ``fully_shard`` in ``model``."""
+    return [fp for module in model.modules() if is_fsdp_module(module)
+            for fp in fsdp_params_of(module)]
+
+
+def fsdp_params_of(module: nn.Module) -> list:
+    """The FSDPParams of one ``fully_shard`` module (its own, not its submodules')."""
+    groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
+    return [fp for group in groups for fp in group.fsdp_params]
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
     FSDPModule, _ = _fsdp_types()
-    if FSDPModule is None:
-        return []
-    out = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
-                out += group.fsdp_params
-    return out
+    return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -95,13 +99,12 @@ def unsharded_parameters(model: nn.Module) -> Dict[int, nn.Parameter]:
     FSDP creates the unsharded parameters on a module's first all-gather; modules that have
     not run yet are unsharded and resharded once here (every rank does this, together, on
     the patched model's first forward) so that the objects exist before anything reads them."""
+    for module in model.modules():  # (a module FSDP has all-gathered already is left alone)
+        if is_fsdp_module(module) and not all(hasattr(fp, "_unsharded_param")
+                                              for fp in fsdp_params_of(module)):
+            module.unshard()
+            module.reshard()
     records = fsdp_params(model)
-    FSDPModule, _ = _fsdp_types()
-    if not all(hasattr(fp, "_unsharded_param") for fp in records):
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.unshard()
-                module.reshard()
     return {id(p): fp.unsharded_param for fp in records for p in _both(fp)}
 
 
