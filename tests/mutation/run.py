@@ -119,6 +119,17 @@ MUTANTS = [
                  r"std, scale = self\.noise_std, self\.grad_scale$",
                  "std, scale = 1.02 * self.noise_std, self.grad_scale")],
            ["tests/test_dp_optimizer.py", "tests/test_plumbing_engine.py"]),
+    Mutant("fsdp-shard-offset", "FSDP2: every shard noised from counter 0 of its parameter "
+           "(the ranks' noise overlaps, not the single-process draw)",
+           [Edit(("vaultkern/privacy/optimizer.py",), r"offsets\.append\(offset \+ start\)",
+                 "offsets.append(offset)")],
+           ["tests/test_distributed.py::test_fsdp2_step_equals_one_process_on_the_whole_batch"]),
+    Mutant("fsdp-unreduced", "FSDP2: each rank keeps its own slice of its local clipped sum "
+           "(no sum over ranks)",
+           [Edit(("vaultkern/core/sharded.py",),
+                 r"_reduce_scatter\(shard, padded, group=fp\.mesh_info\.shard_process_group\)",
+                 "shard.copy_(padded.chunk(world)[fp.mesh_info.shard_mesh_rank])")],
+           ["tests/test_distributed.py::test_fsdp2_on_a_transformers_llama_and_an_empty_shard"]),
     Mutant("clip-without-min", "clip factor C/‖g‖ without min(1, ·)",
            [Edit(("vaultkern/core/clipping.py",),
                  r"\(threshold / \(norms \+ CLIP_EPS\)\)\.clamp\(max=1\.0\)",
@@ -142,16 +153,20 @@ def copy_tree(dest: Path, rev: str = None) -> None:
         shutil.copy2(built, dest / "vaultkern" / built.name)
 
 
-def environment() -> dict:
+def environment(root: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale .pyc between a mutant and its restore
-    env.pop("PYTHONPATH", None)
+    # the copy first on the path of every process, also those the tests start themselves
+    # (distributed workers, torchrun): a script's own folder, not the cwd, leads sys.path
+    env["PYTHONPATH"] = str(root)
     return env
 
 
 def check_copy_is_imported(root: Path) -> None:
+    # from another folder, as a test's own subprocess would import it
     out = subprocess.run([sys.executable, "-c", "import vaultkern; print(vaultkern.__file__)"],
-                         cwd=root, env=environment(), capture_output=True, text=True, check=True)
+                         cwd=root / "tests", env=environment(root), capture_output=True,
+                         text=True, check=True)
     path = Path(out.stdout.strip()).resolve()
     if root.resolve() not in path.parents:
         sys.exit(f"the copy is not what gets imported ({path}); aborting")
@@ -161,7 +176,7 @@ def run_pytest(root: Path, selection: Sequence[str], timeout: int) -> Tuple[int,
     """(return code, failing test ids, output tail)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *selection]
     try:
-        proc = subprocess.run(cmd, cwd=root, env=environment(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=root, env=environment(root), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, [], "timed out"
