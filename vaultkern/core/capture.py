@@ -29,7 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError
+from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError, UnsupportedModuleError
 
 
 class Tracked:
@@ -111,6 +111,7 @@ class Capture:
         self.params: Dict[int, torch.Tensor] = {}
         self.names: Dict[int, str] = {}
         self.buffers: set = set()
+        self.stand_ins: set = set()             # FSDP2: ids a module may hold in their place
         self.site_stack: List[Any] = []
 
     # -- tracking -----------------------------------------------------------------------------
@@ -147,6 +148,23 @@ class Capture:
             if id(a) in tracked:
                 return True
         return False
+
+    def check_owned(self, module, site) -> None:
+        """Each trainable parameter ``module`` owns must still be the tracked tensor when its
+        forward starts: a wrapper that swaps in other tensors for the forward (FSDP1's flat
+        parameter views, ``torch.func.functional_call``, an offloading hook), or a parameter
+        replaced after the first forward, would otherwise train on unclipped gradients."""
+        for name in site.owned:
+            t = getattr(module, name, None)
+            if t is None or id(t) in self.params or id(t) in self.stand_ins:
+                continue
+            raise UnsupportedModuleError(
+                f"vaultkern: the trainable parameter '{name}' of {site.describe()} is not the "
+                "tensor vaultkern tracks: something replaced it after vk.patch's first forward "
+                "(FSDP1's FullyShardedDataParallel, torch.func.functional_call, an offloading "
+                "hook, or a parameter re-assigned or re-tied). Its gradient would bypass "
+                "per-example clipping. Patch the model after such changes, and use FSDP2 "
+                "(fully_shard) or DistributedDataParallel to shard or replicate it.")
 
     def param_name(self, p: torch.Tensor) -> str:
         return self.names.get(id(p), "<parameter>")

@@ -82,6 +82,7 @@ class _PatchState:
                 sharded.check_supported(self.model)
                 unsharded = sharded.unsharded_parameters(self.model)
                 params = [(n, unsharded[id(p)]) for n, p in params]
+                capture.stand_ins = set(unsharded)
                 self.bookkeeper.sync = sharded.ShardSync(self.model)
                 # every captured layer's output is a view (an identity node in front of it),
                 # so FSDP would warn on each sharded module's output: a view is only unsafe
@@ -155,6 +156,7 @@ class _EnterCapture:
     def __call__(self, module, args, kwargs):
         if not self.state.probing:
             self.state.enter(self.site, args, kwargs)
+            self.state.capture.check_owned(module, self.site)
 
 
 class _ExitCapture:
@@ -185,6 +187,7 @@ class _ModelStart:
         st.model_active = True
         if st.root_reads:
             st.enter(st.root_site, args, kwargs)
+            st.capture.check_owned(module, st.root_site)
 
 
 class _ModelEnd:

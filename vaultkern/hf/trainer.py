@@ -119,6 +119,13 @@ class DPTrainer(Trainer):
             # each rank's own clipped sum (vaultkern refuses it)
             targs.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        for flag, what in (("is_fsdp_enabled", "FSDP (TrainingArguments fsdp=...)"),
+                           ("is_deepspeed_enabled", "DeepSpeed")):
+            if getattr(self, flag, False):  # they reduce the gradients through hooks that
+                raise NotImplementedError(  # vaultkern's clipped sums never pass
+                    f"DPTrainer with {what} is not supported: its gradient reduction would "
+                    "bypass the clipped sums. Run DPTrainer under torchrun (DDP), or shard with "
+                    "torch's fully_shard and vk.PrivacyEngine (see the README).")
         # public facts about the data for the card; with seq_len and max_rows_per_document
         # (k: the most rows one document spans) it states the row unit and a document-level ε
         self.dp_card_data = dict(card_data or {})
