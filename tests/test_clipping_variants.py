@@ -143,3 +143,70 @@ def test_group_clipping_on_a_hugging_face_model_with_padding():
     want, _ = _oracle(grads, _flat(0.05), units)
     got, _ = _run(model, b, hf_loss, groups=ids, max_grad_norm=0.05)
     _assert_close(got, want)
+
+
+class _Checkpointed(TinyDecoder):
+    def __init__(self, reentrant):
+        super().__init__(tied=True)
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        from torch.utils.checkpoint import checkpoint
+        x = self.embed(ids) + self.pos(torch.arange(ids.shape[1]).expand_as(ids))
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=self.reentrant)
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("case", ["plain", "mean", "nan-example", "reentrant", "non-reentrant"])
+def test_per_layer_clipping_inside_the_backward_pass(case, monkeypatch):
+    """Per-layer clipping clips each parameter as soon as its last use's gradient arrives
+    (the tied embedding/head after its second use), not at the end of the backward; where
+    uses are still to come (reentrant checkpointing recomputes a no-grad segment inside the
+    backward) or counted twice (non-reentrant recomputation), it waits. Either way the sum
+    and last_norms equal the float64 oracle; a NaN example is dropped and counted once."""
+    from vaultkern.core.bookkeeping import BookKeeper
+    early = []
+    clip_early = BookKeeper._clip_early
+    monkeypatch.setattr(BookKeeper, "_clip_early",
+                        lambda self, entry: (early.append(entry[0]), clip_early(self, entry)))
+    torch.manual_seed(3)
+    model = TinyDecoder(tied=True).double()
+    b = ids_batch()
+    grads = per_example_grads(model, b, lm_loss)  # (autograd.grad: no reentrant checkpoint)
+    if "reentrant" in case:
+        state, model = model.state_dict(), _Checkpointed(case == "reentrant").double()
+        model.load_state_dict(state)
+    names = [n for n, _ in model.named_parameters()]
+    thresholds = {n: float(torch.tensor([float(g[n].norm()) for g in grads]).median())
+                  for n in names}
+    keep = list(range(len(grads)))
+    if case == "nan-example":  # example 2's loss is NaN: its gradient is dropped
+        keep.remove(2)
+        def loss_fn(m, batch):
+            losses = lm_loss(m, batch)
+            return losses * torch.tensor([1.0, 1.0, float("nan"), 1.0, 1.0, 1.0],
+                                         dtype=losses.dtype)
+    else:
+        loss_fn = lm_loss
+    want, want_norms = _oracle([grads[i] for i in keep], _per_layer(thresholds))
+    vk.patch(model, loss_reduction="mean" if case == "mean" else "sum", clipping="per_layer",
+             max_grad_norm=[thresholds[n] for n in names])
+    losses = loss_fn(model, b)
+    (losses.mean() if case == "mean" else losses.sum()).backward()
+    _assert_close({n: p.grad for n, p in model.named_parameters()}, want)
+    norms = vk.last_norms(model)
+    if case == "nan-example":
+        assert vk.core.bookkeeper(model).nonfinite_examples == 1
+        assert not torch.isfinite(norms[2]) and rel_err(norms[keep], want_norms) <= 1e-6
+    else:
+        assert rel_err(norms, want_norms) <= 1e-6
+    clipped_early = {id(p) for p in early}
+    assert len(early) == len(clipped_early)  # each at most once
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    if case == "reentrant":
+        assert not clipped_early
+    elif case == "non-reentrant":  # the blocks' uses are counted again when recomputed
+        assert clipped_early == {id(p) for p in model.parameters()} - in_blocks
+    else:
+        assert clipped_early == {id(p) for p in model.parameters()}

@@ -18,9 +18,20 @@ inside a backward, as checkpointing does, queues it on the backward that runs
 the recomputation), so the nested backward passes of reentrant checkpointing
 report their uses and clipping runs once, over the whole model.
 
+Per-layer clipping needs no norm over the whole model, so each parameter is
+clipped inside the backward pass, as soon as the gradient of its last use
+arrives (the forwards count the uses; a tied weight waits for its second), and
+its forms are freed there: nothing is kept until the end. Where uses may be
+still to come (a no-grad segment that reentrant checkpointing recomputes inside
+the backward) or are counted twice (non-reentrant recomputation), the parameter
+waits for the end as in flat clipping.
+
 An example whose norm is NaN/inf gets clip factor 0 (its rows are zeroed in
 the kept tensors, so nothing of it reaches p.grad) and is counted in
 ``nonfinite_examples``; rows masked out by ``set_row_mask`` (padding) get 0 too.
+(Per-layer clipping inside the backward zeroes it in each parameter whose norm
+is not finite, which for a NaN loss is every parameter; ``nonfinite="raise"``
+must see every norm before writing, so it clips at the end.)
 """
 from __future__ import annotations
 
@@ -72,10 +83,17 @@ class BookKeeper:
         self._per_example_used = 0
         self._uses: "OrderedDict[int, Tuple[nn.Parameter, List[_Use]]]" = OrderedDict()
         self._callback_queued = False
+        # per-layer clipping clips a parameter inside the backward pass, as soon as the
+        # gradient of its last use arrives: uses counted in the forward passes, and what the
+        # parameters clipped so far in this backward saw (their layout, Σ norm², bad units)
+        self._expected: Dict[int, int] = {}
+        self._early: Optional[dict] = None
+        self.wait_for_all = False  # set by a forward whose uses are not all counted yet
 
     def __getstate__(self):  # a copy starts with nothing pending
         state = dict(self.__dict__)
         state["_uses"], state["_callback_queued"], state["thresholds"] = OrderedDict(), False, {}
+        state["_expected"], state["_early"] = {}, None
         return state
 
     # -- during backward -------------------------------------------------------------------
@@ -85,11 +103,25 @@ class BookKeeper:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self._callback_queued = True
 
+    def expect(self, params) -> None:
+        """A grad-enabled forward consumed each of ``params`` once more."""
+        for key in {id(p) for p in params}:
+            self._expected[key] = self._expected.get(key, 0) + 1
+
     def add(self, site: Site, forms: Dict[nn.Parameter, GradForm], forward_id: int) -> None:
         self.queue()  # normally queued already by the model's output node
         for param, form in forms.items():
             entry = self._uses.setdefault(id(param), (param, []))
             entry[1].append(_Use(site, form, forward_id))
+            # Per-layer: the parameter's own norm needs all of its uses, and no more can come
+            # once as many arrived as the forwards made (a recomputing checkpoint counts its
+            # uses twice: those wait for the end). The "raise" policy needs every norm before
+            # anything is written, so it waits too.
+            if (self.clipping == "per_layer" and self.nonfinite == "drop"
+                    and not self.wait_for_all and self._expected.get(id(param)) == len(entry[1])):
+                del self._uses[id(param)]
+                with torch.no_grad():
+                    self._clip_early(entry)
 
     def reserve_per_example(self, nbytes: int) -> bool:
         """Room for ``nbytes`` more of per-example gradients in this backward?"""
@@ -102,14 +134,17 @@ class BookKeeper:
         self._uses.clear()
         self._callback_queued = False
         self._per_example_used = 0
+        self._expected.clear()
+        self._early = None
+        self.wait_for_all = False
 
     # -- when backward ends -------------------------------------------------------------------
     def _finish(self) -> None:
-        groups = list(self._uses.values())
+        groups, early = list(self._uses.values()), self._early
         self.reset()
         try:
             with torch.no_grad():
-                self._clip_and_write(groups)
+                self._clip_and_write(groups, early)
                 if self.sync is not None:
                     self.sync.resolve()
         except BaseException as exc:
@@ -118,10 +153,13 @@ class BookKeeper:
             raise
         finally:
             groups.clear()
+            self.row_mask = self.group_ids = None  # they were for this backward
 
-    def _check_layout(self, groups) -> int:
-        batch_of: Dict[Site, int] = {}
-        forward_ids = set()
+    def _check_layout(self, groups, early: Optional[dict] = None) -> int:
+        """The rows of this backward (one batch size, one forward unless allowed), over
+        ``groups`` and the parameters already clipped in it (``early``)."""
+        batch_of: Dict[Site, int] = dict(early["batch_of"]) if early else {}
+        forward_ids = set(early["forward_ids"]) if early else set()
         for _, uses in groups:
             for u in uses:
                 batch_of.setdefault(u.site, u.form.batch)
@@ -141,14 +179,14 @@ class BookKeeper:
                 "clipping would be wrong. Call backward after each forward (gradients "
                 "accumulate), or patch with allow_multiple_forwards=True if row i of every "
                 "forward is the same example.")
+        if early is not None:
+            early["batch_of"], early["forward_ids"] = batch_of, forward_ids
         return sizes.pop()
 
-    def _clip_and_write(self, groups) -> None:
-        if not groups:
-            return
-        rows = self._check_layout(groups)
-        mask, self.row_mask = self.row_mask, None
-        ids, self.group_ids = self.group_ids, None
+    def _units(self, groups, rows: int):
+        """(forms, units, accumulation dtype, scale): padding rows zeroed, rows regrouped
+        into units when group ids are set."""
+        mask, ids = self.row_mask, self.group_ids
         forms = [(p, [u.form for u in uses]) for p, uses in groups]
         any64 = any(_form_dtype(f) == torch.float64 for _, fs in forms for f in fs)
         acc = torch.float64 if any64 else torch.float32
@@ -163,25 +201,62 @@ class BookKeeper:
                      for p, fs in forms]
         # "mean": the loss was averaged over the rows, per-row grads are rows·(what we saw).
         scale = float(rows) if self.loss_reduction == "mean" else 1.0
-        norms, totals = self._clip(forms, units, acc, scale)
-        # Every clipped sum is queued before the one host-device synchronisation (which
-        # units are not finite), so on a GPU the host never waits in the middle of the work.
-        nonfinite = ~torch.isfinite(norms)
-        n_bad = int(nonfinite.sum())
-        if n_bad and self.nonfinite == "raise":
-            bad = nonfinite.nonzero().flatten().tolist()[:10]
-            raise NonFiniteGradientError(
-                f"vaultkern: non-finite per-example gradient norm for examples {bad} "
-                f"(layers: {', '.join(self._nonfinite_layers(groups)[:5])}); is the loss "
-                "NaN/inf? No gradient was written for this backward pass.")
-        if n_bad:  # clip factor 0: the unit's rows zeroed in the kept tensors (0·NaN is NaN)
-            self.nonfinite_examples += n_bad
-            forms = clipping.zero_units(forms, ~nonfinite)
-            _, totals = self._clip(forms, units, acc, scale)
-        self.last_norms = norms.detach()
+        return forms, units, acc, scale
+
+    def _write(self, totals) -> None:
         write = accumulate if self.sync is None else self.sync.write
         for param, make_total in totals:
             write(param, make_total)
+
+    def _clip_early(self, entry) -> None:
+        """Per-layer clipping of one parameter during the backward pass. Nothing waits on
+        the host: a unit whose norm is not finite is zeroed in this parameter's sum (a NaN
+        loss makes every parameter's norm NaN), and counted once at the end."""
+        if self._early is None:
+            self._early = {"batch_of": {}, "forward_ids": set(), "norm_sq": None, "bad": None}
+        early = self._early
+        rows = self._check_layout([entry], early)
+        forms, units, acc, scale = self._units([entry], rows)
+        (param, _), = forms
+        part = clipping.per_parameter_norm_sq(forms, acc)[0].clamp(min=0)
+        finite = torch.isfinite(part)
+        forms = clipping.zero_units(forms, finite)
+        clip = clipping.factor(torch.where(finite, part, 0).sqrt() * scale,
+                               self.thresholds[id(param)], False) * scale
+        self._write(clipping.per_parameter_totals(forms, [clip]))
+        early["norm_sq"] = part if early["norm_sq"] is None else early["norm_sq"] + part
+        early["bad"] = ~finite if early["bad"] is None else early["bad"] | ~finite
+
+    def _clip_and_write(self, groups, early: Optional[dict] = None) -> None:
+        if not groups and not (early and early["norm_sq"] is not None):
+            return
+        norms = bad = None
+        if groups:
+            rows = self._check_layout(groups, early)
+            forms, units, acc, scale = self._units(groups, rows)
+            norms, totals = self._clip(forms, units, acc, scale)
+            # Every clipped sum is queued before the one host-device synchronisation (which
+            # units are not finite), so on a GPU the host never waits in the middle of the work.
+            bad = ~torch.isfinite(norms)
+            n_bad = int(bad.sum())
+            if n_bad and self.nonfinite == "raise":
+                which = bad.nonzero().flatten().tolist()[:10]
+                raise NonFiniteGradientError(
+                    f"vaultkern: non-finite per-example gradient norm for examples {which} "
+                    f"(layers: {', '.join(self._nonfinite_layers(groups)[:5])}); is the loss "
+                    "NaN/inf? No gradient was written for this backward pass.")
+            if n_bad:  # clip factor 0: the unit's rows zeroed in the kept tensors (0·NaN is NaN)
+                forms = clipping.zero_units(forms, ~bad)
+                _, totals = self._clip(forms, units, acc, scale)
+            self._write(totals)
+        if early and early["norm_sq"] is not None:  # parameters clipped during the backward
+            scale = float(next(iter(early["batch_of"].values()))) \
+                if self.loss_reduction == "mean" else 1.0
+            norm_sq = early["norm_sq"] * scale ** 2 + (0 if norms is None else norms ** 2)
+            norms = norm_sq.sqrt()
+            bad = early["bad"] if bad is None else bad | early["bad"]
+        self.nonfinite_examples += int(bad.sum())
+        self.last_norms = norms.detach()
 
     def _clip(self, forms, units: int, acc, scale: float):
         """(norms before clipping [U], [(param, Σ_u clip_u G_u)])."""

@@ -62,6 +62,7 @@ def _captured(cap, out: torch.Tensor, saved: List[torch.Tensor], roots, make_for
         if grads[0] is not None:
             bookkeeper.add(site, make_forms(saved_tensors, grads[0]), forward_id)
 
+    bookkeeper.expect(roots)
     return _Capture.apply(on_backward, 1, len(saved), out, *saved, *roots)[0]
 
 
@@ -356,6 +357,7 @@ def generic_consumption(cap, func, leaves, entries, spec, batched: Optional[List
 
     outs = [out_leaves[i] for i in grad_slots]
     saved = [values[i] for i in data_slots]
+    bookkeeper.expect(roots)
     captured = _Capture.apply(on_backward, len(outs), len(saved), *outs, *saved, *roots)
     for i, c in zip(grad_slots, captured):
         out_leaves[i] = c

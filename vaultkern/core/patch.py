@@ -64,6 +64,7 @@ class _PatchState:
         self.model_active = False   # inside the patched model's own forward
         self.root_reads = False     # the model's own forward reads trainable parameters
         self.probing = False        # the layout check's forwards are running
+        self.forward_grad = False   # the outermost forward running now records gradients
         self.generic_pending: List[str] = []
         self.bucket_sync = None     # set when the model runs inside DistributedDataParallel
         self._runtime = None  # (capture, mode), built on first use
@@ -130,6 +131,7 @@ class _PatchState:
         if bk._callback_queued or bk._uses:
             bk.reset()  # left over from a backward pass that failed part-way
         self.forward_id += 1
+        self.forward_grad = torch.is_grad_enabled()
         self.batch = _batch_of(args, kwargs, self.bookkeeper.allow_empty_batch)
 
 
@@ -157,6 +159,11 @@ class _EnterCapture:
         if not self.state.probing:
             self.state.enter(self.site, args, kwargs)
             self.state.capture.check_owned(module, self.site)
+            if self.state.forward_grad and not torch.is_grad_enabled():
+                # a part of a training forward without gradients (reentrant checkpointing):
+                # its uses are made only when it is recomputed inside the backward pass, so
+                # no parameter can be clipped before the end of that backward
+                self.state.bookkeeper.wait_for_all = True
 
 
 class _ExitCapture:
