@@ -2,7 +2,7 @@
 // CUDA kernels (noise_cuda.cu) for CUDA devices. The generator itself is in
 // chacha20.h, shared with the CUDA code.
 #include "vaultkern.h"
-#include "noise_avx2.h"
+#include "noise_simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -129,17 +129,23 @@ void fill_gaussian_cpu(const chacha::Key& key, const chacha::Nonce& nonce, uint6
       out[j] = static_cast<scalar_t>(in ? (double(in[j]) + std * xi[slot]) * scale : xi[slot]);
     }
   };
-  static const bool avx2 = cpu_has_avx2();
-  if (avx2) {  // every block through the 8-lane path: a sample never depends on the cut
-    constexpr int64_t kGroups = 32;  // groups of 8 blocks per buffer (4 KiB of samples)
-    const int64_t groups = int64_t((blocks + 7) / 8);
-    at::parallel_for(0, groups, kGrainBlocks / 8, [&](int64_t begin, int64_t end) {
-      double buf[16 * kGroups];
-      for (int64_t g = begin; g < end; g += kGroups) {
-        const int64_t count = std::min(kGroups, end - g);
-        gaussian_blocks_avx2(key, nonce, b0 + 8 * uint64_t(g), count, buf);
-        for (int64_t k = 0; k < 8 * count && 8 * g + k < int64_t(blocks); ++k)
-          emit(b0 + uint64_t(8 * g + k), buf + 2 * k);
+  // The widest vector path the CPU has takes every block: a sample never depends on the cut
+  // (a partial group is computed whole and its extra samples dropped).
+  using VectorBlocks = void (*)(const chacha::Key&, const chacha::Nonce&, uint64_t, int64_t,
+                                double*);
+  static const int64_t lanes = cpu_has_avx512() ? 16 : cpu_has_avx2() ? 8 : 0;
+  static const VectorBlocks vector_blocks =
+      lanes == 16 ? gaussian_blocks_avx512 : gaussian_blocks_avx2;
+  if (lanes) {
+    constexpr int64_t kBlocksPerBuffer = 256;  // 4 KiB of samples
+    const int64_t groups = int64_t((blocks + lanes - 1) / lanes);
+    at::parallel_for(0, groups, kGrainBlocks / lanes, [&](int64_t begin, int64_t end) {
+      double buf[2 * kBlocksPerBuffer];
+      for (int64_t g = begin; g < end; g += kBlocksPerBuffer / lanes) {
+        const int64_t count = std::min(kBlocksPerBuffer / lanes, end - g);
+        vector_blocks(key, nonce, b0 + uint64_t(lanes * g), count, buf);
+        for (int64_t k = 0; k < lanes * count && lanes * g + k < int64_t(blocks); ++k)
+          emit(b0 + uint64_t(lanes * g + k), buf + 2 * k);
       }
     });
     return;

@@ -13,7 +13,7 @@
 // checking the CPU, so the library still runs on x86-64 without AVX2. It includes no
 // header with inline code it calls (chacha20.h only for its types and constants), so no
 // AVX2 copy of a shared inline function can replace the baseline one at link time.
-#include "noise_avx2.h"
+#include "noise_simd.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,fma")

@@ -103,9 +103,10 @@ def gaussian_from_stream(stream: bytes, j: int) -> float:
     return 0.5 * total
 
 
-@pytest.mark.parametrize("counter, n", [(3, 9), (5, 37), (0, 16), (11, 1)])
+@pytest.mark.parametrize("counter, n", [(3, 9), (5, 37), (0, 16), (11, 1), (7, 601)])
 def test_gaussian_follows_documented_construction(C, counter, n):
-    """Also across the 8-block groups of the AVX2 path and its partial last group."""
+    """Also across the 8- and 16-block groups of the AVX2 and AVX-512 paths, their partial
+    last group and the 256-block buffers."""
     stream = bytes(C.chacha20_stream(KEY, nonce(2), counter, 64 * ((n + 1) // 2)).tolist())
     got = C.gaussian(n, KEY, nonce(2), counter, dtype=torch.float64)
     want = torch.tensor([gaussian_from_stream(stream, j) for j in range(n)], dtype=torch.float64)

@@ -209,9 +209,9 @@ class BookKeeper:
             write(param, make_total)
 
     def _clip_early(self, entry) -> None:
-        """Per-layer clipping of one parameter during the backward pass. Nothing waits on
-        the host: a unit whose norm is not finite is zeroed in this parameter's sum (a NaN
-        loss makes every parameter's norm NaN), and counted once at the end."""
+        """Per-layer clipping of one parameter during the backward pass (on a GPU nothing
+        waits on the host): a unit whose norm is not finite is zeroed in this parameter's sum
+        (a NaN loss makes every parameter's norm NaN), and counted once at the end."""
         if self._early is None:
             self._early = {"batch_of": {}, "forward_ids": set(), "norm_sq": None, "bad": None}
         early = self._early
@@ -220,7 +220,10 @@ class BookKeeper:
         (param, _), = forms
         part = clipping.per_parameter_norm_sq(forms, acc)[0].clamp(min=0)
         finite = torch.isfinite(part)
-        forms = clipping.zero_units(forms, finite)
+        # on an accelerator, zeroing the rows unconditionally costs less than waiting for
+        # the host to know; on the CPU the check is free and the zeroing is not
+        if part.device.type != "cpu" or not bool(finite.all()):
+            forms = clipping.zero_units(forms, finite)
         clip = clipping.factor(torch.where(finite, part, 0).sqrt() * scale,
                                self.thresholds[id(param)], False) * scale
         self._write(clipping.per_parameter_totals(forms, [clip]))
