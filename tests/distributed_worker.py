@@ -188,6 +188,44 @@ def engine_run(sigma, world, steps=3, per_rank_batch=4, fsdp=False):
     return {"params": full(m.named_parameters()), "rows": seen}
 
 
+def fsdp_resume_scenario(rank, out):
+    """PrivacyEngine + FSDP2 + AdamW: 3 steps straight, and 2 steps, save_checkpoint (one file
+    per rank: its shards), a fresh sharded model and engine, load_checkpoint, 1 step."""
+    from torch.utils.data import DataLoader
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        m = model()
+        for block in m.blocks:
+            fully_shard(block)
+        fully_shard(m)
+        engine = vk.PrivacyEngine()
+        m, opt, loader = engine.make_private(
+            module=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2),
+            data_loader=DataLoader(ENGINE_DATA, batch_size=4), noise_multiplier=1.0,
+            max_grad_norm=C, seed=123)
+        return engine, m, opt, loader
+
+    def steps(m, opt, loader, n):
+        it = iter(loader)
+        for _ in range(n):
+            lm_loss(m, (next(it),)).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    engine, m, opt, loader = build()
+    steps(m, opt, loader, 3)
+    straight = {"params": full(m.named_parameters()), "epsilon": engine.get_epsilon(1e-3)}
+    engine, m, opt, loader = build()
+    steps(m, opt, loader, 2)
+    engine.save_checkpoint(path=f"{out}.ckpt{rank}", module=m, optimizer=opt)
+    engine, m, opt, loader = build()
+    engine.load_checkpoint(path=f"{out}.ckpt{rank}", module=m, optimizer=opt)
+    steps(m, opt, loader, 1)
+    resumed = {"params": full(m.named_parameters()), "epsilon": engine.get_epsilon(1e-3)}
+    return {"straight": straight, "resumed": resumed}
+
+
 ENGINE_DATA = list(torch.randint(0, 29, (16, 9), generator=torch.Generator().manual_seed(7)))
 
 
@@ -213,6 +251,8 @@ def worker(rank, world, scenario, port, out):
             result = fsdp_scenario(rank, world)
         elif scenario == "fsdp_models":
             result = fsdp_models_scenario(rank, world)
+        elif scenario == "fsdp_resume":
+            result = fsdp_resume_scenario(rank, out)
         elif scenario == "fsdp_engine":
             result = {sigma: engine_run(sigma, world, fsdp=True) for sigma in (0.0, 1.0)}
         elif scenario == "engine":

@@ -121,6 +121,17 @@ def test_privacy_engine_under_fsdp2_equals_one_process(tmp_path):
                 torch.testing.assert_close(r[sigma]["params"][n], p, rtol=1e-9, atol=1e-12)
 
 
+def test_fsdp2_run_resumes_from_per_rank_checkpoints(tmp_path):
+    """An FSDP2 PrivacyEngine run (AdamW) saved after 2 steps, one checkpoint file per rank,
+    and resumed into a fresh sharded model and engine, takes the third step of the run that
+    never stopped: the same weights (bit for bit) and the same ε."""
+    for r in run("fsdp_resume", tmp_path):
+        straight, resumed = r["straight"], r["resumed"]
+        assert resumed["epsilon"] == straight["epsilon"] > 0
+        for n, p in straight["params"].items():
+            assert torch.equal(resumed["params"][n], p), n
+
+
 def test_privacy_engine_under_ddp_equals_one_process(tmp_path):
     """PrivacyEngine on 2 ranks (each the whole dataset, B̄ = 4 per rank) + DDP = one process
     with B̄ = 8, the same seed: the ranks' shares are disjoint and together the one-process
