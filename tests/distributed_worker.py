@@ -124,8 +124,8 @@ def llama():
 
 
 def fsdp_models_scenario(rank, world):
-    """A transformers Llama (tied, GQA, RoPE) sharded per decoder layer, and a model with an
-    empty shard, with FSDP's default and reshard_after_forward=False; AdamW, σ = 1 seeded:
+    """A transformers Llama (tied, GQA, RoPE) sharded per decoder layer (and with the tied
+    embedding and head grouped into one unit), and a model with an empty shard, with FSDP's default and reshard_after_forward=False; AdamW, σ = 1 seeded:
     {(kind, reshard): (single-process weights, gathered FSDP weights, initial weights)}."""
     from torch.distributed.fsdp import fully_shard
 
@@ -147,11 +147,14 @@ def fsdp_models_scenario(rank, world):
         return full(m.named_parameters())
 
     result = {}
-    for kind, make in (("llama", llama), ("empty_shard", lambda: TwoLinear().double())):
+    for kind, make in (("llama", llama), ("llama_grouped", llama),
+                       ("empty_shard", lambda: TwoLinear().double())):
         single = train_adamw(vk.patch(make(), max_grad_norm=C), 0, 1)
         for reshard in (True, False):
             m = make()
-            for sub in (m.model.layers if kind == "llama" else [m.a]):
+            if kind == "llama_grouped":  # the tied embedding and head as one FSDP unit
+                fully_shard([m.model.embed_tokens, m.lm_head], reshard_after_forward=reshard)
+            for sub in (m.model.layers if kind.startswith("llama") else [m.a]):
                 fully_shard(sub, reshard_after_forward=reshard)
             fully_shard(m, reshard_after_forward=reshard)
             got = train_adamw(vk.patch(m, max_grad_norm=C), rank, world)

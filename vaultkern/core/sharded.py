@@ -42,8 +42,12 @@ def _fsdp_types():
 
 def fsdp_params(model: nn.Module) -> list:
     """FSDP's records (FSDPParam) of the parameters of every ``fully_shard`` in ``model``."""
-    return [fp for module in model.modules() if is_fsdp_module(module)
-            for fp in fsdp_params_of(module)]
+    records = {}  # once each: modules sharded together, fully_shard([a, b]), share a state
+    for module in model.modules():
+        if is_fsdp_module(module):
+            for fp in fsdp_params_of(module):
+                records.setdefault(id(fp), fp)
+    return list(records.values())
 
 
 def fsdp_params_of(module: nn.Module) -> list:
