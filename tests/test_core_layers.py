@@ -278,7 +278,8 @@ def test_huggingface_gpt2_lm_head_model():
 @pytest.mark.parametrize("layers_per_stack", [1, 2, 100])
 def test_same_shape_norms_are_stacked_exactly(monkeypatch, layers_per_stack):
     """summed_self_norms_sq stacks same-shape layers into one norm call (in chunks under
-    STACK_BYTES): the sum must equal one exact norm per layer, whatever the chunking."""
+    STACK_BYTES; these CPU tensors: CPU_STACK_BYTES): the sum must equal one exact norm per
+    layer, whatever the chunking."""
     from vaultkern.core import grad_forms
     from vaultkern.core.grad_forms import Factored
     gen = torch.Generator().manual_seed(0)
@@ -288,7 +289,7 @@ def test_same_shape_norms_are_stacked_exactly(monkeypatch, layers_per_stack):
     forms.append(Factored(torch.randn(B, T, 9, generator=gen, dtype=torch.float64),
                           torch.randn(B, T, d, generator=gen, dtype=torch.float64)))  # other shape
     per_layer = B * T * (d + p) * 8
-    monkeypatch.setattr(grad_forms, "STACK_BYTES", per_layer * layers_per_stack)
+    monkeypatch.setattr(grad_forms, "CPU_STACK_BYTES", per_layer * layers_per_stack)
     total, done = grad_forms.summed_self_norms_sq(forms)
     want = sum(torch.einsum("btp,btd->bpd", f.left, f.right).square().sum((1, 2)) for f in forms)
     torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
