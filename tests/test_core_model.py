@@ -256,13 +256,31 @@ def test_empty_batch_is_a_clear_error_unless_allowed():
     vk.unpatch(twice)
 
 
-def test_two_forwards_one_backward_refused_unless_allowed():
+class Routed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x, which):
+        return (self.a if which == 0 else self.b)(x)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_two_forwards_one_backward_refused_unless_allowed(clipping):
     torch.manual_seed(9)
-    model = vk.patch(nn.Linear(3, 2))
+    model = vk.patch(nn.Linear(3, 2), clipping=clipping)
     x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(vk.BatchLayoutError, match="several forward passes"):
         (model(x1).sum() + model(x2).sum()).backward()
+    assert all(p.grad is None for p in model.parameters())
     vk.unpatch(model)
+    # refused before anything is written, also when each forward reads other parameters
+    # (per-layer clipping, which can clip a parameter during the backward, waits for the end
+    # once a second forward has run)
+    routed = vk.patch(Routed(), clipping=clipping)
+    with pytest.raises(vk.BatchLayoutError, match="several forward passes"):
+        (routed(x1, 0).sum() + routed(x1, 1).sum()).backward()
+    assert all(p.grad is None for p in routed.parameters())
     # allowed: row i of both forwards is example i -> exact clipping of the joint gradient
     m = nn.Linear(3, 2).double()
     pair = (x1.double(), x2.double())

@@ -108,6 +108,10 @@ class BookKeeper:
         for key in {id(p) for p in params}:
             self._expected[key] = self._expected.get(key, 0) + 1
 
+    def has_expected_uses(self) -> bool:
+        """A grad-enabled forward consumed parameters that no backward has reached yet."""
+        return bool(self._expected)
+
     def add(self, site: Site, forms: Dict[nn.Parameter, GradForm], forward_id: int) -> None:
         self.queue()  # normally queued already by the model's output node
         for param, form in forms.items():

@@ -130,6 +130,10 @@ class _PatchState:
         bk = self.bookkeeper
         if bk._callback_queued or bk._uses:
             bk.reset()  # left over from a backward pass that failed part-way
+        elif bk.has_expected_uses() and not bk.allow_multiple_forwards:
+            # a second forward before any backward: if one backward covers both, the layout
+            # check must refuse it before anything is written, so nothing is clipped early
+            bk.wait_for_all = True
         self.forward_id += 1
         self.forward_grad = torch.is_grad_enabled()
         self.batch = _batch_of(args, kwargs, self.bookkeeper.allow_empty_batch)
