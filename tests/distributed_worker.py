@@ -124,9 +124,11 @@ def llama():
 
 
 def fsdp_models_scenario(rank, world):
-    """A transformers Llama (tied, GQA, RoPE) sharded per decoder layer (and with the tied
-    embedding and head grouped into one unit), and a model with an empty shard, with FSDP's default and reshard_after_forward=False; AdamW, σ = 1 seeded:
-    {(kind, reshard): (single-process weights, gathered FSDP weights, initial weights)}."""
+    """A transformers Llama (tied, GQA, RoPE) sharded per decoder layer (also with the tied
+    embedding and head grouped into one unit, and with PEFT LoRA adapters on a frozen base),
+    and a model with an empty shard, with FSDP's default and reshard_after_forward=False;
+    AdamW, σ = 1 seeded: {(kind, reshard): (single-process weights, gathered FSDP weights,
+    initial weights: the trainable ones; how many frozen parameters got a gradient)}."""
     from torch.distributed.fsdp import fully_shard
 
     def loss(m, rows):
@@ -143,22 +145,34 @@ def fsdp_models_scenario(rank, world):
         for step in range(2):
             loss(m, data(step).chunk(w)[r]).backward()
             opt.step()
-            opt.zero_grad()
-        return full(m.named_parameters())
+            opt.zero_grad(set_to_none=False)  # (a frozen parameter's gradient would stay)
+        return trainable(m), sum(p.grad is not None for p in m.parameters() if not p.requires_grad)
+
+    def trainable(m):
+        return full((n, p) for n, p in m.named_parameters() if p.requires_grad)
+
+    def lora_llama():
+        from peft import LoraConfig, get_peft_model
+        m = llama()
+        torch.manual_seed(1)
+        return get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
 
     result = {}
-    for kind, make in (("llama", llama), ("llama_grouped", llama),
+    for kind, make in (("llama", llama), ("llama_grouped", llama), ("llama_lora", lora_llama),
                        ("empty_shard", lambda: TwoLinear().double())):
-        single = train_adamw(vk.patch(make(), max_grad_norm=C), 0, 1)
+        single, _ = train_adamw(vk.patch(make(), max_grad_norm=C), 0, 1)
         for reshard in (True, False):
             m = make()
             if kind == "llama_grouped":  # the tied embedding and head as one FSDP unit
                 fully_shard([m.model.embed_tokens, m.lm_head], reshard_after_forward=reshard)
-            for sub in (m.model.layers if kind.startswith("llama") else [m.a]):
+            blocks = {"llama_lora": lambda: m.base_model.model.model.layers,
+                      "empty_shard": lambda: [m.a]}.get(kind, lambda: m.model.layers)()
+            for sub in blocks:
                 fully_shard(sub, reshard_after_forward=reshard)
             fully_shard(m, reshard_after_forward=reshard)
-            got = train_adamw(vk.patch(m, max_grad_norm=C), rank, world)
-            result[(kind, reshard)] = (single, got, full(make().named_parameters()))
+            got, frozen_grads = train_adamw(vk.patch(m, max_grad_norm=C), rank, world)
+            result[(kind, reshard)] = (single, got, trainable(make()), frozen_grads)
     return result
 
 

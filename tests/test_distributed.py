@@ -96,13 +96,15 @@ def test_fsdp2_step_equals_one_process_on_the_whole_batch(tmp_path):
 
 def test_fsdp2_on_a_transformers_llama_and_an_empty_shard(tmp_path):
     """A transformers Llama sharded per decoder layer (tied embeddings, GQA; also with the
-    embedding and head as one fully_shard([embed, head]) unit) and a model whose
+    embedding and head as one fully_shard([embed, head]) unit, and PEFT LoRA on a frozen base,
+    whose base weights must get no gradient) and a model whose
     [1, 7] weight leaves one rank an empty shard, with reshard_after_forward True and False,
     2 AdamW steps at σ = 1 (seeded): the gathered weights equal one process's."""
     ranks = run("fsdp_models", tmp_path)
-    assert len(ranks[0]) == 6
+    assert len(ranks[0]) == 8
     for r in ranks:
-        for key, (single, got, init) in r.items():
+        for key, (single, got, init, frozen_grads) in r.items():
+            assert frozen_grads == 0, key  # LoRA's frozen base: no gradient, no collective
             for n in single:
                 update = (single[n] - init[n]).norm()
                 assert float(update) > 0, (key, n)

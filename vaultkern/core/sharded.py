@@ -122,7 +122,9 @@ class ShardSync:
     """The book-keeper's gradient sink under FSDP2 (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
-        self.records = fsdp_params(model)
+        # the trainable ones (as the capture's, fixed on the first forward): a frozen base
+        # weight under LoRA gets no gradient and no collective
+        self.records = [fp for fp in fsdp_params(model) if fp.sharded_param.requires_grad]
         self.pending: Dict[int, object] = {}  # id(unsharded param) -> thunk of its clipped sum
 
     def __getstate__(self):  # a copy is rebuilt on its own first forward
