@@ -46,14 +46,20 @@ def train(m, sigma, rank, world, steps, accumulate=False, seed=None, secure=Fals
     return {n.replace("module.", ""): p.detach().clone() for n, p in m.named_parameters()}
 
 
-def sharded(m, patch_first, **patch_kw):
-    """FSDP2 on every block and the root, patched before or after sharding."""
+def shard_blocks_and_root(m):
+    """FSDP2 on every block, then on the root (the tied embedding/head live in the root)."""
     from torch.distributed.fsdp import fully_shard
-    if patch_first:
-        vk.patch(m, **patch_kw)
     for block in m.blocks:
         fully_shard(block)
     fully_shard(m)
+    return m
+
+
+def sharded(m, patch_first, **patch_kw):
+    """FSDP2 on every block and the root, patched before or after sharding."""
+    if patch_first:
+        vk.patch(m, **patch_kw)
+    shard_blocks_and_root(m)
     return m if patch_first else vk.patch(m, **patch_kw)
 
 
@@ -181,12 +187,7 @@ def engine_run(sigma, world, steps=3, per_rank_batch=4, fsdp=False):
     ``fsdp``, a model sharded by fully_shard before make_private): each rank trains on its
     share of one global Poisson batch of expected size world·per_rank_batch."""
     from torch.utils.data import DataLoader
-    m = model()
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+    m = shard_blocks_and_root(model()) if fsdp else model()
     m, opt, loader = vk.PrivacyEngine().make_private(
         module=m, optimizer=torch.optim.SGD(m.parameters(), lr=LR),
         data_loader=DataLoader(ENGINE_DATA, batch_size=per_rank_batch), noise_multiplier=sigma,
@@ -209,13 +210,9 @@ def fsdp_resume_scenario(rank, out):
     """PrivacyEngine + FSDP2 + AdamW: 3 steps straight, and 2 steps, save_checkpoint (one file
     per rank: its shards), a fresh sharded model and engine, load_checkpoint, 1 step."""
     from torch.utils.data import DataLoader
-    from torch.distributed.fsdp import fully_shard
 
     def build():
-        m = model()
-        for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+        m = shard_blocks_and_root(model())
         engine = vk.PrivacyEngine()
         m, opt, loader = engine.make_private(
             module=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2),

@@ -85,7 +85,8 @@ class BookKeeper:
         self._callback_queued = False
         # per-layer clipping clips a parameter inside the backward pass, as soon as the
         # gradient of its last use arrives: uses counted in the forward passes, and what the
-        # parameters clipped so far in this backward saw (their layout, Σ norm², bad units)
+        # parameters clipped so far in this backward saw (their layout, Σ norm² as scaled
+        # for last_norms, bad units)
         self._expected: Dict[int, int] = {}
         self._early: Optional[dict] = None
         self.wait_for_all = False  # set by a forward whose uses are not all counted yet
@@ -231,6 +232,7 @@ class BookKeeper:
         clip = clipping.factor(torch.where(finite, part, 0).sqrt() * scale,
                                self.thresholds[id(param)], False) * scale
         self._write(clipping.per_parameter_totals(forms, [clip]))
+        part = part * scale ** 2  # the norm the loss's per-example gradient has
         early["norm_sq"] = part if early["norm_sq"] is None else early["norm_sq"] + part
         early["bad"] = ~finite if early["bad"] is None else early["bad"] | ~finite
 
@@ -257,10 +259,7 @@ class BookKeeper:
                 _, totals = self._clip(forms, units, acc, scale)
             self._write(totals)
         if early and early["norm_sq"] is not None:  # parameters clipped during the backward
-            scale = float(next(iter(early["batch_of"].values()))) \
-                if self.loss_reduction == "mean" else 1.0
-            norm_sq = early["norm_sq"] * scale ** 2 + (0 if norms is None else norms ** 2)
-            norms = norm_sq.sqrt()
+            norms = (early["norm_sq"] + (0 if norms is None else norms ** 2)).sqrt()
             bad = early["bad"] if bad is None else bad | early["bad"]
         self.nonfinite_examples += int(bad.sum())
         self.last_norms = norms.detach()
