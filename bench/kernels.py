@@ -193,6 +193,30 @@ def clipped_linear_case(label, B, T, rows, cols, dtype):
                 extra={"cublas_ms": cublas})
 
 
+def per_layer_clipped_linear_case(label, B, T, rows, cols, dtype):
+    """Fused per-layer clipping of one weight, against the two passes it replaces (a norm
+    call, then the clip-weighted matmul) and the non-private weight gradient."""
+    es = _esize(dtype)
+
+    def make(device):
+        left = torch.randn(B, T, rows, device=device, dtype=dtype)
+        right = torch.randn(B, T, cols, device=device, dtype=dtype)
+        return (left, right, 1.0, float(B), 1e-6), {}
+
+    def two_passes(left, right, threshold, scale, eps):
+        norm_sq = ops.linear_norm_sq(right, left, ops.choose_linear_mode(T, cols, rows))
+        clip = (threshold / (norm_sq.sqrt() * scale + eps)).clamp(max=1.0) * scale
+        return ops.clipped_linear_grad(left, right, clip)
+
+    def cublas(left, right, *_):
+        return left.reshape(-1, rows).t() @ right.reshape(-1, cols)
+    # reads the factors once; writes and reads back the per-example gradients (fp32)
+    return Case("per_layer_clipped_linear_grad", label, dict(B=B, T=T, rows=rows, cols=cols),
+                dtype, make, bytes=B * T * (rows + cols) * es + 2 * B * rows * cols * 4,
+                flops=2 * B * T * rows * cols,
+                extra={"two_passes_ms": two_passes, "cublas_ms": cublas})
+
+
 def clipped_embedding_case(label, B, T, d, vocab, dtype):
     es = _esize(dtype)
 
@@ -264,6 +288,9 @@ def gpu_cases() -> List[Case]:
         clipped_linear_case("8192 wide", 16, 1024, 8192, 8192, bf16),
         clipped_linear_case("gpt2 lm head", 16, 1024, 50257, 768, bf16),
         clipped_linear_case("gemma mqa k fp32", 8, 1024, 256, 1152, fp32),
+        per_layer_clipped_linear_case("gpt2 c_attn", 8, 1024, 2304, 768, bf16),
+        per_layer_clipped_linear_case("gpt2 mlp fc", 8, 1024, 3072, 768, bf16),
+        per_layer_clipped_linear_case("gemma mlp up", 8, 1024, 6912, 1152, bf16),
         clipped_embedding_case("gpt2 wte", 16, 1024, 768, 50257, bf16),
         clipped_embedding_case("gemma embed", 8, 1024, 1152, 262144, bf16),
         noise_case("gpt2 124M fp32", 124_000_000, fp32),
@@ -284,6 +311,7 @@ def small_cases() -> List[Case]:
         embedding_linear_cross_case("small", 2, 48, 32, 300, f),
         clipped_linear_case("small", 4, 64, 40, 48, f),
         clipped_embedding_case("small", 4, 64, 32, 500, f),
+        per_layer_clipped_linear_case("small", 4, 64, 40, 48, f),
         noise_case("small", 1 << 16, f),
         adamw_case("small", 1 << 16, f),
     ]
@@ -294,6 +322,9 @@ def small_cases() -> List[Case]:
 
 
 def rel_err(result, expected) -> Optional[float]:
+    if isinstance(result, tuple) and isinstance(expected, tuple):  # ops with several outputs
+        errs = [rel_err(r, e) for r, e in zip(result, expected)]
+        return None if None in errs else max(errs)
     if not (isinstance(result, torch.Tensor) and isinstance(expected, torch.Tensor)):
         return None
     scale = expected.double().abs().max().item() or 1.0
@@ -352,7 +383,7 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-EXTRA_COLUMNS = ("cublas_ms", "noise_then_torch_adamw_ms", "noise_std")
+EXTRA_COLUMNS = ("cublas_ms", "two_passes_ms", "noise_then_torch_adamw_ms", "noise_std")
 
 
 def print_table(rows: List[dict], fast: str) -> None:

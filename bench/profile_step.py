@@ -2,6 +2,7 @@
 
     python bench/profile_step.py [--model gpt2-small] [--batch 8] [--steps 5]
                                  [--providers nondp,vaultkern] [--untie]
+    python bench/profile_step.py --size cpu --model gpt2   # a benchmark size's model
 
 For each provider (the same classes ``vaultkern bench`` times: same loss, optimizer,
 precision) it prints
@@ -25,6 +26,7 @@ import time
 import torch
 
 from vaultkern.benchmark import providers as P
+from vaultkern.benchmark.specs import SIZES
 from vaultkern.models import Decoder, get_config
 
 
@@ -83,8 +85,11 @@ def _instrument_bookkeeping(totals):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gpt2-small")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--model", default="gpt2-small",
+                    help="a preset, or with --size the name of one of that size's models")
+    ap.add_argument("--size", default=None, help="take --model (and its batch) from this "
+                    "benchmark size (vaultkern bench --size)")
+    ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--providers", default="nondp,vaultkern")
@@ -93,7 +98,12 @@ def main() -> None:
     args = ap.parse_args()
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = get_config(args.model, tie_embeddings=not args.untie)
+    if args.size is not None:
+        spec = SIZES[args.size].model(args.model)
+        cfg, batch = spec.config(tied=not args.untie), spec.batch
+    else:
+        cfg, batch = get_config(args.model, tie_embeddings=not args.untie), 8
+    args.batch = args.batch or batch
     base = Decoder(cfg).to(dev)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len + 1), device=dev)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -112,7 +122,7 @@ def main() -> None:
             _sync(dev)
             walls.append(time.perf_counter() - t0)
         totals: dict = {}
-        if name == "vaultkern":
+        if name.startswith("vaultkern"):
             _instrument_bookkeeping(totals)
         split = [_phases(prov, x, y, dev) for _ in range(args.steps)]
         print(f"\n===== {name}: {args.model} ({'untied' if args.untie else 'tied'}) "

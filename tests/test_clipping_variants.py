@@ -158,18 +158,27 @@ class _Checkpointed(TinyDecoder):
         return self.head(self.norm(x))
 
 
-@pytest.mark.parametrize("case", ["plain", "mean", "nan-example", "reentrant", "non-reentrant"])
-def test_per_layer_clipping_inside_the_backward_pass(case, monkeypatch):
+@pytest.mark.parametrize("case,fused", [
+    ("plain", False), ("mean", False), ("nan-example", False), ("reentrant", False),
+    ("non-reentrant", False), ("plain", True), ("mean", True), ("nan-example", True),
+    ("non-reentrant", True)])
+def test_per_layer_clipping_inside_the_backward_pass(case, fused, monkeypatch):
     """Per-layer clipping clips each parameter as soon as its last use's gradient arrives
     (the tied embedding/head after its second use), not at the end of the backward; where
     uses are still to come (reentrant checkpointing recomputes a no-grad segment inside the
     backward) or counted twice (non-reentrant recomputation), it waits. Either way the sum
-    and last_norms equal the float64 oracle; a NaN example is dropped and counted once."""
+    and last_norms equal the float64 oracle; a NaN example is dropped and counted once.
+    ``fused``: single-use linear weights go through per_layer_clipped_linear_grad (the
+    accelerator default) instead of a norm pass and a clipped GEMM (the CPU default)."""
+    from vaultkern import ops
     from vaultkern.core.bookkeeping import BookKeeper
-    early = []
+    early, fused_calls = [], []
     clip_early = BookKeeper._clip_early
     monkeypatch.setattr(BookKeeper, "_clip_early",
                         lambda self, entry: (early.append(entry[0]), clip_early(self, entry)))
+    fused_op = ops.per_layer_clipped_linear_grad
+    monkeypatch.setattr(ops, "per_layer_clipped_linear_grad",
+                        lambda *a, **k: (fused_calls.append(a[0].shape), fused_op(*a, **k))[1])
     torch.manual_seed(3)
     model = TinyDecoder(tied=True).double()
     b = ids_batch()
@@ -192,6 +201,7 @@ def test_per_layer_clipping_inside_the_backward_pass(case, monkeypatch):
     want, want_norms = _oracle([grads[i] for i in keep], _per_layer(thresholds))
     vk.patch(model, loss_reduction="mean" if case == "mean" else "sum", clipping="per_layer",
              max_grad_norm=[thresholds[n] for n in names])
+    vk.core.bookkeeper(model).per_layer_fused = fused
     losses = loss_fn(model, b)
     (losses.mean() if case == "mean" else losses.sum()).backward()
     _assert_close({n: p.grad for n, p in model.named_parameters()}, want)
@@ -201,6 +211,9 @@ def test_per_layer_clipping_inside_the_backward_pass(case, monkeypatch):
         assert not torch.isfinite(norms[2]) and rel_err(norms[keep], want_norms) <= 1e-6
     else:
         assert rel_err(norms, want_norms) <= 1e-6
+    # the blocks' linear weights (one use each) and nothing tied
+    linear = sum(1 for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert len(fused_calls) == (linear if fused and case != "non-reentrant" else 0)
     clipped_early = {id(p) for p in early}
     assert len(early) == len(clipped_early)  # each at most once
     in_blocks = {id(p) for p in model.blocks.parameters()}

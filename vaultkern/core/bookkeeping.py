@@ -35,12 +35,14 @@ must see every norm before writing, so it clips at the end.)
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from vaultkern import ops
 from vaultkern.core import clipping, grad_forms
 from vaultkern.core.errors import BatchLayoutError, NonFiniteGradientError
 from vaultkern.core.grad_forms import GradForm
@@ -90,6 +92,7 @@ class BookKeeper:
         self._expected: Dict[int, int] = {}
         self._early: Optional[dict] = None
         self.wait_for_all = False  # set by a forward whose uses are not all counted yet
+        self.per_layer_fused: Optional[bool] = None  # see _fuse_per_layer
 
     def __getstate__(self):  # a copy starts with nothing pending
         state = dict(self.__dict__)
@@ -222,19 +225,39 @@ class BookKeeper:
         early = self._early
         rows = self._check_layout([entry], early)
         forms, units, acc, scale = self._units([entry], rows)
-        (param, _), = forms
-        part = clipping.per_parameter_norm_sq(forms, acc)[0].clamp(min=0)
-        finite = torch.isfinite(part)
-        # on an accelerator, zeroing the rows unconditionally costs less than waiting for
-        # the host to know; on the CPU the check is free and the zeroing is not
-        if part.device.type != "cpu" or not bool(finite.all()):
-            forms = clipping.zero_units(forms, finite)
-        clip = clipping.factor(torch.where(finite, part, 0).sqrt() * scale,
-                               self.thresholds[id(param)], False) * scale
-        self._write(clipping.per_parameter_totals(forms, [clip]))
+        (param, param_forms), = forms
+        threshold = self.thresholds[id(param)]
+        if self._fuse_per_layer(param_forms):  # one per-example GEMM instead of two passes
+            form = param_forms[0]
+            total, part = ops.per_layer_clipped_linear_grad(form.left, form.right, threshold,
+                                                            scale, clipping.CLIP_EPS)
+            part = part.clamp(min=0)
+            finite = torch.isfinite(part)
+            self._write([(param, functools.partial(total.reshape, param.shape))])
+        else:
+            part = clipping.per_parameter_norm_sq(forms, acc)[0].clamp(min=0)
+            finite = torch.isfinite(part)
+            # on an accelerator, zeroing the rows unconditionally costs less than waiting
+            # for the host to know; on the CPU the check is free and the zeroing is not
+            if part.device.type != "cpu" or not bool(finite.all()):
+                forms = clipping.zero_units(forms, finite)
+            clip = clipping.factor(torch.where(finite, part, 0).sqrt() * scale, threshold,
+                                   False) * scale
+            self._write(clipping.per_parameter_totals(forms, [clip]))
         part = part * scale ** 2  # the norm the loss's per-example gradient has
         early["norm_sq"] = part if early["norm_sq"] is None else early["norm_sq"] + part
         early["bad"] = ~finite if early["bad"] is None else early["bad"] | ~finite
+
+    def _fuse_per_layer(self, forms) -> bool:
+        """Clip this parameter with per_layer_clipped_linear_grad? Only a single linear-type
+        use qualifies; ``per_layer_fused`` None: on accelerators (on the 2-core CPU box the
+        per-example GEMMs with K = T ran slower than a norm pass plus one GEMM with
+        K = B·T: bench/NOTES.md)."""
+        if len(forms) != 1 or not isinstance(forms[0], grad_forms.Factored) or forms[0].one_hot:
+            return False
+        if self.per_layer_fused is None:
+            return forms[0].right.device.type != "cpu"
+        return self.per_layer_fused
 
     def _clip_and_write(self, groups, early: Optional[dict] = None) -> None:
         if not groups and not (early and early["norm_sq"] is not None):
