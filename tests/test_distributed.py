@@ -209,5 +209,8 @@ def test_dp_trainer_under_torchrun_equals_one_process(tmp_path):
     a, b = (torch.load(tmp_path / f, weights_only=False) for f in ("ddp.pt", "one.pt"))
     assert (a["world"], b["world"]) == (2, 1) and a["q"] == b["q"] == pytest.approx(6 / 30)
     assert a["epsilon"] == pytest.approx(b["epsilon"], rel=1e-12)
+    # float64 weights, but the HF Llama upcasts to float32 inside (RMSNorm, logits): other
+    # micro-batch shapes round differently there (~1e-7 relative on an AMD EPYC box; a lost
+    # or doubled example, or noise added twice, is orders of magnitude more)
     for n, p in b["weights"].items():
-        torch.testing.assert_close(a["weights"][n], p, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a["weights"][n], p, rtol=1e-6, atol=1e-9)

@@ -178,8 +178,11 @@ class Capture:
         return self.site_stack[-1] if self.site_stack else self.state.root_site
 
     def is_batched(self, t: Any) -> bool:
-        """Does this data tensor carry examples in dim 0 (B, k·B or 1 shared row)?"""
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or id(t) in self.buffers:
+        """Does this data tensor carry examples in dim 0 (B, k·B or 1 shared row)? Buffers
+        and frozen parameters (a LoRA or BitFit base weight) are constants, whatever their
+        shape."""
+        if (not isinstance(t, torch.Tensor) or t.dim() == 0 or id(t) in self.buffers
+                or isinstance(t, torch.nn.Parameter)):
             return False
         B, rows = self.batch, t.shape[0]
         if t.dim() == 1:

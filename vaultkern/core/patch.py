@@ -27,7 +27,7 @@ from torch import nn
 from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
 from vaultkern.core.clipping import POLICIES, thresholds_for
 from vaultkern.core.capture import Capture, CaptureMode
-from vaultkern.core import sharded
+from vaultkern.core import refusals, sharded
 from vaultkern.core.distributed import attach_ddp
 from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
 from vaultkern.core.queries import state_of
@@ -39,10 +39,6 @@ LOSS_REDUCTIONS = ("sum", "mean")
 DEFAULT_PER_EXAMPLE_MEMORY = 0
 LINEAR_MODES = (None, "ghost", "direct")
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "input", "x", "hidden_states", "ids")
-UNSUPPORTED = {
-    nn.modules.batchnorm._BatchNorm: "batch norm mixes examples within a batch (its statistics "
-                                      "are batch statistics); use LayerNorm/GroupNorm instead",
-}
 
 
 def _in_backward() -> bool:
@@ -190,6 +186,8 @@ class _ModelStart:
         if st.probing:
             return
         if not _in_backward():
+            if torch.is_grad_enabled():
+                refusals.check_model_loss(module, kwargs)
             attach_ddp(st)
             st.start_forward(args, kwargs)
             if not st.layout_checked and torch.is_grad_enabled():
@@ -276,8 +274,9 @@ def _batch_of(args, kwargs, allow_empty: bool) -> int:
 def _readers(model: nn.Module):
     """[(path, module, owned trainable names)] of modules that own trainable parameters."""
     out = []
+    unsupported = refusals.unsupported_modules()
     for path, module in model.named_modules():
-        for cls, reason in UNSUPPORTED.items():
+        for cls, reason in unsupported.items():
             if isinstance(module, cls) and any(p.requires_grad for p in module.parameters()):
                 raise UnsupportedModuleError(
                     f"vaultkern: module '{path or '<root>'}' ({type(module).__name__}) is not "

@@ -17,15 +17,24 @@ examples and per-example clipping is refused (BatchLayoutError naming the
 module). The first run also finds modules that read a trainable parameter they
 do not own (``F.linear(h, self.embed.weight)`` in a parent, a tied head): they
 are added to the modules whose forward runs under capture.
+
+3. A batch one example larger (example 0 appended to every input whose dim 0
+   is the batch). An input that dependence cannot tell from batch data — a
+   table built from the sequence length alone, e.g. T5's [T, T] relative-position
+   buckets, constant under every change of an example and with T a multiple of
+   B — keeps its size where batch data grows with the batch; it is refused, as
+   is a shared index table of more than one dimension (its per-example
+   gradients cannot be separated at the layer that reads it).
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from vaultkern.core.capture import DETACHING
 from vaultkern.core.errors import BatchLayoutError
@@ -77,10 +86,12 @@ class _Probe:
                 self.new_readers[id(m)] = m
                 self.readers.add(id(m))
         where = self.paths.get(id(inside[-1]), "<root>") if inside else "<root>"
-        data = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in cap.params
-                and cap.is_batched(x)]
+        inputs = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in cap.params
+                  and x.dim() > 0 and id(x) not in cap.buffers]
+        data = [x for x in inputs if cap.is_batched(x)]
         name = getattr(func, "__name__", repr(func))
-        self.records.append((where or "<root>", name, [_row_digest(x) for x in data]))
+        sizes = [(x.shape[0], x.dim(), cap.is_batched(x)) for x in inputs]
+        self.records.append((where or "<root>", name, [_row_digest(x) for x in data], sizes))
 
 
 def _row_digest(t: torch.Tensor) -> torch.Tensor:
@@ -113,6 +124,16 @@ def _perturbed(args, kwargs, example: int) -> Optional[Tuple[tuple, dict]]:
     return tuple(y if i == idx else a for i, a in enumerate(args)), kwargs
 
 
+def _grown(args, kwargs, batch: int) -> Tuple[tuple, dict]:
+    """The inputs with one more example: a copy of example 0 appended to every tensor
+    whose dim 0 is the batch."""
+    def grow(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
+            return torch.cat([x, x[:1]])
+        return x
+    return tree_map(grow, args), tree_map(grow, kwargs)
+
+
 def _run(probe: _Probe, model: nn.Module, args, kwargs):
     probe.records = []
     devices = sorted({b.device.index or 0 for b in model.parameters() if b.is_cuda})
@@ -137,7 +158,7 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     B = state.batch
     changed = [(example, c) for example in ((0, B - 1) if B >= 2 else ())
                if (c := _perturbed(args, kwargs, example)) is not None]
-    wanted = 1 + len(changed) if B else 0
+    wanted = 2 + len(changed) if B else 0  # as given, each change, one example more
     forwards = wanted
     state.runtime()  # built before the first forward (it sets up FSDP's sink)
     if isinstance(state.bookkeeper.sync, ShardSync):
@@ -151,6 +172,13 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     try:
         first = _run(probe, model, args, kwargs)
         runs = [(example, _run(probe, model, *c)) for example, c in changed]
+        state.batch = B + 1
+        try:
+            grown = _run(probe, model, *_grown(args, kwargs, B))
+        except Exception as exc:  # noqa: BLE001 - a model that only runs at this batch size
+            grown = exc
+        finally:
+            state.batch = B
         for _ in range(forwards - max(wanted, 1)):  # matching another rank's collectives
             _run(probe, model, args, kwargs)
     finally:
@@ -168,9 +196,39 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 f"'{where}') change when only example {example} changes: the model routes rows "
                 "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
                 "cannot be attributed to examples and per-example clipping is refused.")
-        for (where, name, rows_a), (_, _, rows_b) in zip(first, second):
+        for (where, name, rows_a, _), (_, _, rows_b, _) in zip(first, second):
             for a, b in zip(rows_a, rows_b):
                 _compare(where, name, a, b, B, example)
+    _check_sizes(first, grown, B)
+
+
+def _check_sizes(first, grown, B: int) -> None:
+    """Every input the capture will split into examples must grow with the batch."""
+    if isinstance(grown, Exception):
+        warnings.warn(f"vaultkern: the layout check could not run the model on a batch of "
+                      f"{B + 1} examples ({type(grown).__name__}: {grown}); inputs that do not "
+                      "follow the batch size were not checked.", RuntimeWarning, stacklevel=4)
+        return
+    if len(grown) != len(first):
+        where = next((a[0] for a, b in zip(first, grown) if a[:2] != b[:2]), first[-1][0])
+        raise BatchLayoutError(
+            f"vaultkern: the calls that read trainable parameters (first difference in "
+            f"'{where}') change with the batch size: rows of a call cannot be attributed to "
+            "examples, so per-example clipping is refused.")
+    for (where, name, _, sizes), (_, _, _, grown_sizes) in zip(first, grown):
+        for (n, dims, batched), (n_grown, _, _) in zip(sizes, grown_sizes):
+            if n_grown * B == n * (B + 1) or n == n_grown == 1:
+                continue  # batch rows (k per example), or one row shared by all
+            shared_table = name == "embedding" and not batched and dims > 1
+            if batched or shared_table:
+                raise BatchLayoutError(
+                    f"vaultkern: in module '{where}', an input of {name} has {n} rows in dim 0 "
+                    f"for {B} examples and {n_grown} for {B + 1}: it does not hold examples but "
+                    "is shared by the whole batch (e.g. a relative-position bias table built "
+                    "from the sequence length). The per-example gradients of the parameters it "
+                    "meets cannot be separated at this layer, so per-example clipping is "
+                    "refused. Freeze those parameters, or keep the batch in dim 0 of every "
+                    "input of a layer with trainable parameters.")
 
 
 def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int, example: int) -> None:

@@ -1,0 +1,130 @@
+"""Hugging Face set-ups where the batch is not simply dim 0 of every layer input, called as
+users call them: exact where vaultkern can be (against the float64 per-example oracle),
+refused with an error naming the module or value where it cannot."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vaultkern as vk
+from hf_zoo import V, batch, make
+from oracle import clip_and_sum, per_example_grads, rel_err
+from test_hf_zoo import check_exact
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("B", [2, 4])
+def test_bias_only_training_is_exact(name, B):
+    """BitFit: only biases train. The frozen weights (whose dim 0 may be a multiple of B)
+    are constants, not batch data."""
+    model = make(name)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    assert any(p.requires_grad for p in model.parameters())
+    check_exact(model, batch(B=B, T=6))
+
+
+def _t5(B, T, seed=1):
+    cfg = transformers.T5Config(vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                relative_attention_num_buckets=8, dropout_rate=0.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().train()
+    g = torch.Generator().manual_seed(seed)
+    return model, tuple(torch.randint(3, V, (B, T), generator=g) for _ in range(3))
+
+
+def _t5_loss(model, b):
+    logits = model(input_ids=b[0], decoder_input_ids=b[1]).logits
+    return F.cross_entropy(logits.transpose(1, 2), b[2], reduction="none").sum(1)
+
+
+@pytest.mark.parametrize("B,T", [(2, 8), (4, 4), (3, 7)])
+def test_shared_relative_position_table_is_refused(B, T):
+    """T5's relative-position bias reads a [T, T] bucket table that the whole batch shares.
+    With T a multiple of B its rows looked like examples (a silently wrong gradient before);
+    now the layout check, which also runs one example more, refuses it by name."""
+    model, b = _t5(B, T)
+    vk.patch(model, max_grad_norm=1.0)
+    with pytest.raises(vk.BatchLayoutError, match=r"relative_attention_bias.*shared by the whole"):
+        _t5_loss(model, b).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_t5_with_the_relative_bias_frozen_is_exact():
+    model, b = _t5(2, 8)
+    for n, p in model.named_parameters():
+        p.requires_grad_("relative_attention_bias" not in n)
+    grads = per_example_grads(model, b, _t5_loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    vk.patch(model, max_grad_norm=C)
+    _t5_loss(model, b).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, want[n]) <= 1e-6, n
+        else:
+            assert p.grad is None
+
+
+@pytest.mark.parametrize("kind", ["prompt", "p-tuning"])
+def test_prompt_tuning_is_refused_naming_the_module(kind):
+    peft = pytest.importorskip("peft")
+    config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+              if kind == "prompt" else
+              peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                       encoder_hidden_size=8))
+    model = peft.get_peft_model(make("llama"), config)
+    with pytest.raises(vk.UnsupportedModuleError, match=r"prompt_encoder.*computed once"):
+        vk.patch(model)
+
+
+def _hf_mean_loss(model, b):
+    """What HF's own loss is when every row has the same number of targets: the mean over
+    examples of each example's mean token loss."""
+    logits = model(input_ids=b[0]).logits
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), b[0][:, 1:],
+                           reduction="none").mean(1)
+
+
+def test_model_loss_from_labels():
+    """labels= with different target counts per row: HF averages tokens over the batch,
+    coupling examples, so it is refused (nothing written). With equal counts it is the mean
+    of per-example means, and exact under loss_reduction="mean"."""
+    model = make("llama")
+    ids, mask, labels = batch()  # row 1 has two -100 labels
+    vk.patch(model, loss_reduction="mean")
+    with pytest.raises(vk.BatchLayoutError, match=r"labels=.*different numbers of target"):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    vk.unpatch(model)
+
+    grads = per_example_grads(model, (ids,), _hf_mean_loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    vk.patch(model, max_grad_norm=C, loss_reduction="mean")
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+def test_ungrowable_model_warns_and_still_checks_dependence():
+    """A model that only runs at its own batch size: the one-example-more check is skipped
+    with a warning, and the rest of the layout check still runs."""
+    class FixedBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.reshape(2, 5, 4))
+
+    model = FixedBatch().double()
+    vk.patch(model)
+    with pytest.warns(RuntimeWarning, match="batch of 3 examples"):
+        model(torch.randn(2, 5, 4, dtype=torch.float64)).sum().backward()
+    assert model.lin.weight.grad is not None
