@@ -45,6 +45,12 @@ ZOO = {
     "gemma3": ("Gemma3TextConfig", _llama_like(head_dim=4, sliding_window=4)),
     "vaultgemma": ("VaultGemmaConfig", _llama_like(head_dim=4, sliding_window=4)),
     "mixtral": ("MixtralConfig", _llama_like(num_local_experts=4, num_experts_per_tok=2)),
+    # these two add to a patched layer's output in place (mlp_output += ..., embeds *= ...)
+    "falcon": ("FalconConfig", dict(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=32,
+                                    bos_token_id=1, eos_token_id=2)),
+    "ctrl": ("CTRLConfig", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, dff=24,
+                                n_positions=32)),
 }
 
 

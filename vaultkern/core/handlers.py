@@ -44,7 +44,16 @@ class _Capture(torch.autograd.Function):
         outs, rest = tensors[:n_outs], tensors[n_outs:]
         ctx.save_for_backward(*rest[:n_saved])
         ctx.on_backward, ctx.n_rest = on_backward, len(rest)
-        return tuple(o.view_as(o) for o in outs)
+        # An output returned as a view of its input could not be modified in place later
+        # (`h += residual` after a Linear: Falcon, CTRL); declared modified in place instead,
+        # it is returned as-is with this node as its history, at no copy. Views (whose base
+        # would be rebased too), leaves that require grad and repeats keep the view.
+        plain = [o for i, o in enumerate(outs) if not o._is_view()
+                 and not (o.is_leaf and o.requires_grad) and all(o is not p for p in outs[:i])
+                 and all(o is not r for r in rest)]
+        if plain:
+            ctx.mark_dirty(*plain)
+        return tuple(o if any(o is p for p in plain) else o.view_as(o) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
