@@ -6,10 +6,14 @@ model, two extra forwards run without gradients, from the same random state
 (dropout draws the same masks) with the buffers restored afterwards:
 
 1. the batch as given, and
-2. the batch with example 0 changed, and with the last example changed.
+2. the batch with one set of examples changed, for each of: example 0, the
+   last example, the odd-numbered and the even-numbered examples (so any
+   example whose rows reach an example of the other parity is caught, not
+   only the first and the last).
 
 At every call that consumes a trainable parameter, the rows of each data input
-are summarised (row sums in float64). Rows that belong to another example
+are summarised (row sums in float64; F.multi_head_attention_forward's inputs by
+their dim 1, where its examples are). Rows that belong to an unchanged example
 (blocks of k rows for k·B rows, example-major) must be identical across runs,
 a row shared by all examples must not change at all, and the same calls must
 happen (a router that sends tokens elsewhere is refused). Otherwise rows are not
@@ -25,6 +29,10 @@ are added to the modules whose forward runs under capture.
    B — keeps its size where batch data grows with the batch; it is refused, as
    is a shared index table of more than one dimension (its per-example
    gradients cannot be separated at the layer that reads it).
+
+Batch norm in training mode (a module, or F.batch_norm anywhere in the forward,
+with or without parameters of its own) normalises every example by statistics of
+the whole batch; it is refused wherever it runs.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import warnings
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -74,6 +83,14 @@ class _Probe:
     def see(self, func, args, kwargs):
         if func in DETACHING:  # reads no values (FSDP's own bookkeeping does these too)
             return
+        if func is F.batch_norm and (kwargs.get("training", args[5] if len(args) > 5 else False)):
+            where = self.paths.get(id(self.stack[-1]), "<root>") if self.stack else "<root>"
+            raise BatchLayoutError(
+                f"vaultkern: module '{where or '<root>'}' runs batch norm in training mode: "
+                "every example is normalised by statistics of the whole batch, so its gradient "
+                "depends on the other examples and per-example clipping cannot bound one "
+                "example's influence. Use GroupNorm or LayerNorm (ModuleValidator.fix swaps "
+                "BatchNorm for GroupNorm), or batch norm in eval mode (running statistics).")
         cap = self.capture
         leaves, _ = tree_flatten((args, kwargs))
         params = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in cap.params]
@@ -86,8 +103,12 @@ class _Probe:
                 self.new_readers[id(m)] = m
                 self.readers.add(id(m))
         where = self.paths.get(id(inside[-1]), "<root>") if inside else "<root>"
-        inputs = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in cap.params
-                  and x.dim() > 0 and id(x) not in cap.buffers]
+        if func is F.multi_head_attention_forward:  # [T, B, E]: examples in dim 1
+            inputs = [x.transpose(0, 1) for x in args[:3]
+                      if isinstance(x, torch.Tensor) and x.dim() == 3]
+        else:
+            inputs = [x for x in leaves if isinstance(x, torch.Tensor)
+                      and id(x) not in cap.params and x.dim() > 0 and id(x) not in cap.buffers]
         data = [x for x in inputs if cap.is_batched(x)]
         name = getattr(func, "__name__", repr(func))
         sizes = [(x.shape[0], x.dim(), cap.is_batched(x)) for x in inputs]
@@ -99,8 +120,8 @@ def _row_digest(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
 
 
-def _perturbed(args, kwargs, example: int) -> Optional[Tuple[tuple, dict]]:
-    """The inputs with one example of the primary input changed (None if it cannot be)."""
+def _perturbed(args, kwargs, examples: List[int]) -> Optional[Tuple[tuple, dict]]:
+    """The inputs with some examples of the primary input changed (None if they cannot be)."""
     from vaultkern.core.patch import _BATCH_KWARGS
     key = next((k for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
     if key is not None:
@@ -116,12 +137,22 @@ def _perturbed(args, kwargs, example: int) -> Optional[Tuple[tuple, dict]]:
     if x.is_floating_point():
         gen = torch.Generator(device="cpu").manual_seed(0)
         scale = float(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0).std()) + 1.0
-        y[example] += (torch.randn(y[example].shape, generator=gen) * scale).to(y)
+        y[examples] += (torch.randn(y[examples].shape, generator=gen) * scale).to(y)
     else:
-        y[example] = (y[example] + 1) % max(int(x.max()) + 1, 2)
+        y[examples] = (y[examples] + 1) % max(int(x.max()) + 1, 2)
     if key is not None:
         return args, {**kwargs, key: y}
     return tuple(y if i == idx else a for i, a in enumerate(args)), kwargs
+
+
+def _example_sets(B: int) -> List[List[int]]:
+    """The sets of examples changed one at a time: the first, the last, the odd and the
+    even ones (each a proper, non-empty subset; repeats dropped)."""
+    sets: List[List[int]] = []
+    for candidate in ([0], [B - 1], list(range(1, B, 2)), list(range(0, B, 2))):
+        if 0 < len(candidate) < B and candidate not in sets:
+            sets.append(candidate)
+    return sets
 
 
 def _grown(args, kwargs, batch: int) -> Tuple[tuple, dict]:
@@ -156,8 +187,8 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     """Run the two probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
     B = state.batch
-    changed = [(example, c) for example in ((0, B - 1) if B >= 2 else ())
-               if (c := _perturbed(args, kwargs, example)) is not None]
+    changed = [(examples, c) for examples in _example_sets(B)
+               if (c := _perturbed(args, kwargs, examples)) is not None]
     wanted = 2 + len(changed) if B else 0  # as given, each change, one example more
     forwards = wanted
     state.runtime()  # built before the first forward (it sets up FSDP's sink)
@@ -188,17 +219,17 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 b.copy_(v)
     for m in probe.new_readers.values():
         add_reader(state, probe.paths[id(m)], m, set())
-    for example, second in runs:
+    for examples, second in runs:
         if len(first) != len(second):
             where = next((a[0] for a, b in zip(first, second) if a[:2] != b[:2]), first[-1][0])
             raise BatchLayoutError(
                 f"vaultkern: the calls that read trainable parameters (first difference in "
-                f"'{where}') change when only example {example} changes: the model routes rows "
+                f"'{where}') change when only {_which(examples)} change: the model routes rows "
                 "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
                 "cannot be attributed to examples and per-example clipping is refused.")
         for (where, name, rows_a, _), (_, _, rows_b, _) in zip(first, second):
             for a, b in zip(rows_a, rows_b):
-                _compare(where, name, a, b, B, example)
+                _compare(where, name, a, b, B, examples)
     _check_sizes(first, grown, B)
 
 
@@ -231,11 +262,17 @@ def _check_sizes(first, grown, B: int) -> None:
                     "input of a layer with trainable parameters.")
 
 
-def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int, example: int) -> None:
+def _which(examples: List[int]) -> str:
+    shown = ", ".join(map(str, examples[:6])) + (", ..." if len(examples) > 6 else "")
+    return f"example{'s' if len(examples) > 1 else ''} {shown}"
+
+
+def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int,
+             examples: List[int]) -> None:
     n = a.shape[0]
     rows_differ = (
         f"vaultkern: in module '{where}', the input rows of {name} ({n} rows for {B} examples) "
-        f"change for other examples when only example {example} changes: dim 0 does not hold "
+        f"change for other examples when only {_which(examples)} change: dim 0 does not hold "
         "examples here (e.g. a [T, B, d] layout with T == B, rows mixed across the batch, or "
         "tokens gathered across examples). Per-example clipping would be wrong, so it is "
         "refused. Keep the batch in dim 0 of every layer input (batch_first=True).")
@@ -245,6 +282,7 @@ def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int, ex
     others = torch.ones(n, dtype=torch.bool)
     if n % B == 0 and n != 1:
         k = n // B
-        others[example * k:(example + 1) * k] = False  # the changed example's own rows
+        for example in examples:
+            others[example * k:(example + 1) * k] = False  # the changed examples' own rows
     if not bool(close[others].all()):
         raise BatchLayoutError(rows_differ)

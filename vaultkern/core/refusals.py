@@ -13,6 +13,9 @@ from vaultkern.core.errors import BatchLayoutError
 UNSUPPORTED = {
     nn.modules.batchnorm._BatchNorm: "batch norm mixes examples within a batch (its statistics "
                                       "are batch statistics); use LayerNorm/GroupNorm instead",
+    nn.RNNBase: "torch's fused recurrent kernels consume the weights out of vaultkern's sight; "
+                "use opacus.layers.DPLSTM / DPGRU / DPRNN (ModuleValidator.fix swaps them in), "
+                "which vaultkern clips exactly",
 }
 
 

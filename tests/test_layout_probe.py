@@ -1,0 +1,97 @@
+"""The first forward's layout check on plain PyTorch models: patterns where rows are not
+examples are refused naming the module, legal ones stay exact (float64 oracle)."""
+import pytest
+import torch
+from torch import nn
+
+import vaultkern as vk
+from oracle import oracle, rel_err
+
+D = 6
+
+
+def _sum_loss(model, b):
+    return model(b[0]).flatten(1).sum(1)
+
+
+def _check_exact(model, x, C=0.5):
+    want, want_norms = oracle(model, (x,), _sum_loss, C)
+    vk.patch(model, max_grad_norm=C)
+    _sum_loss(model, (x,)).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+class _BatchNormThenTanh(nn.Module):
+    """A parameter-free batch norm after the only trainable layer: nothing trainable reads
+    its output, so only the batch-norm rule can see it."""
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(D, D), nn.BatchNorm1d(D, affine=False)
+
+    def forward(self, x):
+        return torch.tanh(self.bn(self.lin(x)))
+
+
+def test_batch_norm_in_training_mode_is_refused_even_without_parameters():
+    torch.manual_seed(0)
+    model = _BatchNormThenTanh().double()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"'bn' runs batch norm in training mode"):
+        _sum_loss(model, (torch.randn(4, D, dtype=torch.float64),)).sum().backward()
+    assert model.lin.weight.grad is None
+
+
+def test_batch_norm_in_eval_mode_is_exact():
+    torch.manual_seed(0)
+    model = _BatchNormThenTanh().double()
+    model.bn.eval()
+    _check_exact(model, torch.randn(4, D, dtype=torch.float64))
+
+
+class _MiddleRowToAll(nn.Module):
+    """Example 2's rows added to every example: neither the first nor the last example."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + self.b(h[2:3])
+
+
+@pytest.mark.parametrize("B", [4, 5])
+def test_a_middle_example_broadcast_to_all_is_refused(B):
+    torch.manual_seed(0)
+    model = _MiddleRowToAll().double()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"module 'b'"):
+        _sum_loss(model, (torch.randn(B, D, dtype=torch.float64),)).sum().backward()
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out = self.attn(x, x, x, need_weights=False)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("B,T", [(2, 4), (3, 3), (1, 1)])
+def test_multi_head_attention_with_a_sequence_a_multiple_of_the_batch(batch_first, B, T):
+    """F.multi_head_attention_forward holds its examples in dim 1: the check reads them
+    there (T a multiple of B was refused before)."""
+    torch.manual_seed(0)
+    _check_exact(_Attention(batch_first).double(), torch.randn(B, T, D, dtype=torch.float64))
+
+
+def test_torch_recurrent_layers_are_refused_with_what_to_use():
+    model = nn.Sequential(nn.LSTM(D, 4, batch_first=True))
+    with pytest.raises(vk.UnsupportedModuleError, match=r"'0' \(LSTM\).*DPLSTM"):
+        vk.patch(model)
