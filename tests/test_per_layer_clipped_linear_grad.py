@@ -113,6 +113,6 @@ def test_every_tile_config():
     B, T, rows, cols = (2, 37, 19, 29) if INTERPRET else (3, 150, 200, 90)
     left, right = inputs(B, T, rows, cols, seed=11)
     want, want_norm_sq = oracle(left, right, 1.5, 2.0)
-    for cfg in module._TILE_CONFIGS:
+    for cfg in module.TILE_CONFIGS:
         check(*module.per_layer_triton(left, right, 1.5, 2.0, EPS, config=cfg),
               want, want_norm_sq, 1e-5)

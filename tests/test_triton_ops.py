@@ -267,7 +267,7 @@ def test_every_block_config(dtype):
     for cfg in linear_norm._GHOST_CONFIGS:
         assert_rel(ghost_triton(a, g, a, g, True, config=cfg), inner(G, G), rtol)
         assert_rel(ghost_triton(a, g, a2, g2, False, config=cfg), inner(G, G2), rtol)
-    for cfg in linear_norm._DIRECT_CONFIGS:
+    for cfg in linear_norm.DIRECT_CONFIGS:
         assert_rel(direct_triton(a, g, a, g, True, config=cfg), inner(G, G), rtol)
         assert_rel(direct_triton(a, g, a2, g2, False, config=cfg), inner(G, G2), rtol)
     for cfg in embedding_norm._MATCH_CONFIGS:

@@ -79,7 +79,7 @@ _GHOST_CONFIGS = configs(
          dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3)],
     interpreter=dict(BLOCK_T=16, BLOCK_K=16), pre_hook=zero_partial)
 
-_DIRECT_CONFIGS = configs(
+DIRECT_CONFIGS = configs(
     gpu=[dict(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, num_warps=8, num_stages=3),
          dict(BLOCK_P=128, BLOCK_D=64, BLOCK_T=64, num_warps=4, num_stages=3),
          dict(BLOCK_P=64, BLOCK_D=128, BLOCK_T=64, num_warps=4, num_stages=3),
@@ -136,7 +136,7 @@ def _ghost_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
 
 
 @triton.jit
-def _gradient_tile(a_ptr, g_ptr, sat, sad, sgt, sgp, p_idx, d_idx, T, D, P,
+def gradient_tile(a_ptr, g_ptr, sat, sad, sgt, sgp, p_idx, d_idx, T, D, P,
                    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """The [p_idx, d_idx] tile of gᵀa = Σ_t g_t ⊗ a_t (fp32), T in BLOCK_T slices."""
@@ -152,14 +152,10 @@ def _gradient_tile(a_ptr, g_ptr, sat, sad, sgt, sgp, p_idx, d_idx, T, D, P,
     return acc
 
 
-@triton.autotune(configs=tuned(_DIRECT_CONFIGS), key=["T1", "T2", "D", "P", "SAME"])
 @triton.jit
-def _direct_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
-                   T1, T2, D, P, partial_stride,
-                   sa1b, sa1t, sa1d, sg1b, sg1t, sg1p,
-                   sa2b, sa2t, sa2d, sg2b, sg2t, sg2p,
-                   SAME: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def example_tile(D, P, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(example, tile, row indices, column indices) of this program in a 1-D grid over
+    (example, BLOCK_P×BLOCK_D tile of a P×D per-example gradient)."""
     n_d_tiles = tl.cdiv(D, BLOCK_D)
     tiles = tl.cdiv(P, BLOCK_P) * n_d_tiles
     pid = tl.program_id(0).to(tl.int64)
@@ -167,12 +163,24 @@ def _direct_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
     tile = pid % tiles
     p_idx = (tile // n_d_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     d_idx = (tile % n_d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-    grad1 = _gradient_tile(a1_ptr + b * sa1b, g1_ptr + b * sg1b, sa1t, sa1d, sg1t, sg1p,
+    return b, tile, p_idx, d_idx
+
+
+@triton.autotune(configs=tuned(DIRECT_CONFIGS), key=["T1", "T2", "D", "P", "SAME"])
+@triton.jit
+def _direct_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, partial_ptr,
+                   T1, T2, D, P, partial_stride,
+                   sa1b, sa1t, sa1d, sg1b, sg1t, sg1p,
+                   sa2b, sa2t, sa2d, sg2b, sg2t, sg2p,
+                   SAME: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    b, tile, p_idx, d_idx = example_tile(D, P, BLOCK_P, BLOCK_D)
+    grad1 = gradient_tile(a1_ptr + b * sa1b, g1_ptr + b * sg1b, sa1t, sa1d, sg1t, sg1p,
                            p_idx, d_idx, T1, D, P, PRECISION, BLOCK_P, BLOCK_D, BLOCK_T)
     if SAME:
         grad2 = grad1
     else:
-        grad2 = _gradient_tile(a2_ptr + b * sa2b, g2_ptr + b * sg2b, sa2t, sa2d, sg2t, sg2p,
+        grad2 = gradient_tile(a2_ptr + b * sa2b, g2_ptr + b * sg2b, sa2t, sa2d, sg2t, sg2p,
                                p_idx, d_idx, T2, D, P, PRECISION, BLOCK_P, BLOCK_D, BLOCK_T)
     total = tl.sum(tl.sum(grad1 * grad2, axis=1), axis=0)
     tl.store(partial_ptr + b * partial_stride + tile, total)
@@ -212,7 +220,7 @@ def direct_triton(a1, g1, a2, g2, same: bool, config=None) -> torch.Tensor:
     """Σ_{p,d} (g1ᵀa1)(g2ᵀa2) per example by the direct kernel -> fp32 [B].
 
     ``same`` (a norm: a1 is a2 and g1 is g2) forms each gradient tile once.
-    ``config``: one of _DIRECT_CONFIGS instead of autotuning.
+    ``config``: one of DIRECT_CONFIGS instead of autotuning.
     """
     (a1, g1, a2, g2), precision = _dot_operands(a1, g1, a2, g2)
     B, T1, D = a1.shape
@@ -221,7 +229,7 @@ def direct_triton(a1, g1, a2, g2, same: bool, config=None) -> torch.Tensor:
     def programs(block_p, block_d):
         return triton.cdiv(P, block_p) * triton.cdiv(D, block_d)
 
-    most = max(programs(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_D"]) for c in _DIRECT_CONFIGS)
+    most = max(programs(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_D"]) for c in DIRECT_CONFIGS)
     partial = torch.empty(B, most, dtype=torch.float32, device=a1.device)
     if B * T1 * T2 == 0:
         return partial.zero_().sum(1)

@@ -63,7 +63,7 @@ def per_layer_clipped_linear_grad_torch(left, right, threshold: float, scale: fl
 # Triton implementation: two kernels per chunk of examples.
 #
 # 1. One program per (example, rows×cols tile) accumulates its tile of G_i over T
-#    on chip (linear_norm's _gradient_tile), stores it to the chunk's fp32 scratch
+#    on chip (linear_norm's gradient_tile), stores it to the chunk's fp32 scratch
 #    and writes the tile's squared sum to a [b, tiles] buffer (torch sums it per
 #    example, deterministically, and turns the norms into clip factors).
 # 2. One program per output tile walks the chunk's examples, adds clip_i times
@@ -71,33 +71,22 @@ def per_layer_clipped_linear_grad_torch(left, right, threshold: float, scale: fl
 #    result to the output tile, which earlier chunks have filled.
 # ----------------------------------------------------------------------------
 from vaultkern.ops._triton import (  # noqa: E402
-    as_dtype, common_dtype, configs, dot_precision, interpreted, launch, tl, triton, tuned,
-    uses_reference, zero_partial)
-from vaultkern.ops.linear_norm import _gradient_tile  # noqa: E402
-
-_TILE_CONFIGS = configs(
-    gpu=[dict(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, num_warps=8, num_stages=3),
-         dict(BLOCK_P=128, BLOCK_D=64, BLOCK_T=64, num_warps=4, num_stages=3),
-         dict(BLOCK_P=64, BLOCK_D=128, BLOCK_T=64, num_warps=4, num_stages=3),
-         dict(BLOCK_P=64, BLOCK_D=64, BLOCK_T=64, num_warps=4, num_stages=4)],
-    interpreter=dict(BLOCK_P=16, BLOCK_D=16, BLOCK_T=16), pre_hook=zero_partial)
+    as_dtype, common_dtype, dot_precision, interpreted, launch, tl, triton, tuned,
+    uses_reference)
+# the direct norm kernel's tiling and candidates: the same per-example gradient tiles
+from vaultkern.ops.linear_norm import (  # noqa: E402
+    DIRECT_CONFIGS as TILE_CONFIGS, example_tile, gradient_tile)
 _SUM_BLOCK = 64 if interpreted() else 1024  # elements of the output per program
 
 
-@triton.autotune(configs=tuned(_TILE_CONFIGS), key=["T", "D", "P"])
+@triton.autotune(configs=tuned(TILE_CONFIGS), key=["T", "D", "P"])
 @triton.jit
 def _example_tiles_kernel(a_ptr, g_ptr, scratch_ptr, partial_ptr, T, D, P, partial_stride,
                           sab, sat, sad, sgb, sgt, sgp,
                           PRECISION: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    n_d_tiles = tl.cdiv(D, BLOCK_D)
-    tiles = tl.cdiv(P, BLOCK_P) * n_d_tiles
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // tiles
-    tile = pid % tiles
-    p_idx = (tile // n_d_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    d_idx = (tile % n_d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-    grad = _gradient_tile(a_ptr + b * sab, g_ptr + b * sgb, sat, sad, sgt, sgp,
+    b, tile, p_idx, d_idx = example_tile(D, P, BLOCK_P, BLOCK_D)
+    grad = gradient_tile(a_ptr + b * sab, g_ptr + b * sgb, sat, sad, sgt, sgp,
                           p_idx, d_idx, T, D, P, PRECISION, BLOCK_P, BLOCK_D, BLOCK_T)
     tl.store(scratch_ptr + b * P * D + p_idx[:, None] * D + d_idx[None, :], grad,
              mask=(p_idx[:, None] < P) & (d_idx[None, :] < D))
@@ -117,7 +106,7 @@ def _clipped_sum_kernel(scratch_ptr, clip_ptr, out_ptr, examples, n, BLOCK: tl.c
 
 
 def per_layer_triton(left, right, threshold: float, scale: float, eps: float, config=None):
-    """The two kernels over chunks of examples; ``config`` (one of _TILE_CONFIGS) instead
+    """The two kernels over chunks of examples; ``config`` (one of TILE_CONFIGS) instead
     of autotuning the tile kernel."""
     dtype = common_dtype(left, right)
     g, a = as_dtype(left, dtype), as_dtype(right, dtype)
@@ -131,7 +120,7 @@ def per_layer_triton(left, right, threshold: float, scale: float, eps: float, co
     def tiles(block_p, block_d):
         return triton.cdiv(P, block_p) * triton.cdiv(D, block_d)
 
-    most = max(tiles(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_D"]) for c in _TILE_CONFIGS)
+    most = max(tiles(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_D"]) for c in TILE_CONFIGS)
     for sl in batch_chunks(B, P * D):
         b = sl.stop - sl.start
         scratch = torch.empty(b, P, D, dtype=torch.float32, device=g.device)
