@@ -40,10 +40,23 @@ inline __m256i rotl(__m256i x, int n) {
   return _mm256_or_si256(_mm256_slli_epi32(x, n), _mm256_srli_epi32(x, 32 - n));
 }
 
+// Rotations by whole bytes are one byte shuffle instead of two shifts and an or.
+inline __m256i rotl16(__m256i x) {
+  const __m256i idx = _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13,
+                                       2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return _mm256_shuffle_epi8(x, idx);
+}
+
+inline __m256i rotl8(__m256i x) {
+  const __m256i idx = _mm256_setr_epi8(3, 0, 1, 2, 7, 4, 5, 6, 11, 8, 9, 10, 15, 12, 13, 14,
+                                       3, 0, 1, 2, 7, 4, 5, 6, 11, 8, 9, 10, 15, 12, 13, 14);
+  return _mm256_shuffle_epi8(x, idx);
+}
+
 inline void quarter_round(__m256i& a, __m256i& b, __m256i& c, __m256i& d) {
-  a = _mm256_add_epi32(a, b); d = rotl(_mm256_xor_si256(d, a), 16);
+  a = _mm256_add_epi32(a, b); d = rotl16(_mm256_xor_si256(d, a));
   c = _mm256_add_epi32(c, d); b = rotl(_mm256_xor_si256(b, c), 12);
-  a = _mm256_add_epi32(a, b); d = rotl(_mm256_xor_si256(d, a), 8);
+  a = _mm256_add_epi32(a, b); d = rotl8(_mm256_xor_si256(d, a));
   c = _mm256_add_epi32(c, d); b = rotl(_mm256_xor_si256(b, c), 7);
 }
 
