@@ -454,3 +454,28 @@ def test_document_epsilon_is_the_runs_for_one_row_and_matches_a_direct_computati
     direct = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3).compose(
         dp_accounting.SelfComposedDpEvent(mixture, 20)).get_epsilon(1e-6)
     assert direct <= three <= 1.01 * direct and one < document_epsilon(plan, 20, 2) < three
+
+
+def test_bad_learning_rates_and_warm_up_are_refused(tmp_path, config, capsys, monkeypatch):
+    """An infinite learning rate is refused up front; weights that blew up (here: poisoned at
+    the final checkpoint) end the run with an error, writing no model file and no card (the
+    DP step drops NaN examples, so training itself would go on)."""
+    for flags, what in ((["--lr", "inf"], "--lr must be a finite number"),
+                        (["--warmup-steps", "-5"], "--warmup-steps must be >= 0")):
+        assert cli.main(["--config", config, "--out", str(tmp_path / "bad"), "--quiet",
+                         "--num-records", "50", "--device", "cpu", *flags]) == 2
+        assert what in capsys.readouterr().err
+    save = loop.TrainingRun.save_checkpoint
+
+    def poisoned(self):
+        if self.step == 3:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        save(self)
+    monkeypatch.setattr(loop.TrainingRun, "save_checkpoint", poisoned)
+    out = tmp_path / "huge"
+    assert cli.main(["--config", config, "--out", str(out), "--quiet", "--num-records", "120",
+                     "--batch-size", "16", "--steps", "3", "--dp-seed", "1",
+                     "--device", "cpu"]) == 2
+    assert "not finite" in capsys.readouterr().err
+    assert not (out / "model.pt").exists() and not (out / "model_card.json").exists()

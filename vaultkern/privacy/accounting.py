@@ -375,10 +375,18 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     sigma, eps = None, None
     for grid in grids:
         for _ in range(3):
-            sigma = mechanism_calibration.calibrate_dp_mechanism(
-                lambda: make_dp_accountant(kind, grid), lambda s: entry(s).event(),
-                target_epsilon, target_delta,
-                mechanism_calibration.ExplicitBracketInterval(lo, hi), tol=tol)
+            try:
+                sigma = mechanism_calibration.calibrate_dp_mechanism(
+                    lambda: make_dp_accountant(kind, grid), lambda s: entry(s).event(),
+                    target_epsilon, target_delta,
+                    mechanism_calibration.ExplicitBracketInterval(lo, hi), tol=tol)
+            except ValueError as exc:  # the root finder's bracket: ε flat in σ out here
+                raise ValueError(
+                    f"target_epsilon={target_epsilon}, target_delta={target_delta} cannot be "
+                    f"met reliably with sample_rate={sample_rate} and steps={steps}: it needs "
+                    f"noise_multiplier > {lo:g}, where epsilon hardly changes with it. Use "
+                    "fewer steps, a smaller sample rate (batch size) or a larger target "
+                    f"epsilon. ({exc})") from exc
             eps = epsilon(sigma, fine)
             if within_target(eps):
                 return float(sigma)

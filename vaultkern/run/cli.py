@@ -9,6 +9,7 @@ then says that no formal guarantee holds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -143,8 +144,10 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     for name in ("lr", "max_grad_norm", "epsilon", "epochs"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if (getattr(args, "warmup_steps", None) or 0) < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0 < args.delta < 1:
         raise ValueError(f"--delta must lie strictly between 0 and 1, got {args.delta}")
     if args.no_dp and (args.noise_multiplier is not None or args.epsilon is not None
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
     from vaultkern.run.loop import train
     try:
         summary = train(resolve_args(args, parser))
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1 if summary["status"] == "aborted" else 0

@@ -326,6 +326,11 @@ class TrainingRun:
         """Checkpoint, release file (model.pt), plot, public card, private report, summary."""
         plan, out = self.plan, self.out
         self.save_checkpoint()
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise FloatingPointError(
+                f"the model's parameters are not finite after step {self.step} (learning rate "
+                f"{self.args.lr} too large?): no model file or card is written; the last "
+                "checkpoint with finite parameters is kept")
         nonfinite = self.nonfinite_examples()
         if plan.dp:
             import vaultkern as vk
