@@ -251,8 +251,8 @@ class BookKeeper:
     def _fuse_per_layer(self, forms) -> bool:
         """Clip this parameter with per_layer_clipped_linear_grad? Only a single linear-type
         use qualifies; ``per_layer_fused`` None: on accelerators (on the 2-core CPU box the
-        per-example GEMMs with K = T ran slower than a norm pass plus one GEMM with
-        K = B·T: bench/NOTES.md)."""
+        per-example GEMMs with K = T were no faster than a norm pass plus one GEMM with
+        K = B·T, and 5 % slower on the Gemma-style model: bench/NOTES.md)."""
         if len(forms) != 1 or not isinstance(forms[0], grad_forms.Factored) or forms[0].one_hot:
             return False
         if self.per_layer_fused is None:

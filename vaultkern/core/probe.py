@@ -2,8 +2,8 @@
 
 Shapes cannot tell a model that works in ``[T, B, d]`` with T == B from one in
 ``[B, T, d]``; dependence can. Before the first grad-enabled forward of a patched
-model, two extra forwards run without gradients, from the same random state
-(dropout draws the same masks) with the buffers restored afterwards:
+model, extra forwards run without gradients (up to six), each from the same random
+state (dropout draws the same masks), with the buffers restored afterwards:
 
 1. the batch as given, and
 2. the batch with one set of examples changed, for each of: example 0, the
@@ -109,10 +109,11 @@ class _Probe:
         else:
             inputs = [x for x in leaves if isinstance(x, torch.Tensor)
                       and id(x) not in cap.params and x.dim() > 0 and id(x) not in cap.buffers]
-        data = [x for x in inputs if cap.is_batched(x)]
+        batched = [cap.is_batched(x) for x in inputs]
         name = getattr(func, "__name__", repr(func))
-        sizes = [(x.shape[0], x.dim(), cap.is_batched(x)) for x in inputs]
-        self.records.append((where or "<root>", name, [_row_digest(x) for x in data], sizes))
+        digests = [_row_digest(x) for x, b in zip(inputs, batched) if b]
+        sizes = [(x.shape[0], x.dim(), b) for x, b in zip(inputs, batched)]
+        self.records.append((where or "<root>", name, digests, sizes))
 
 
 def _row_digest(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
 
 
 def check_layout(state, model: nn.Module, args, kwargs) -> None:
-    """Run the two probe forwards (see the module docstring); raise on a bad layout."""
+    """Run the probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
     B = state.batch
     changed = [(examples, c) for examples in _example_sets(B)

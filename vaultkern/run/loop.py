@@ -221,11 +221,14 @@ class TrainingRun:
         from vaultkern.core.queries import bookkeeper
         return self.nonfinite_earlier + bookkeeper(self.model).nonfinite_examples
 
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
     def save_checkpoint(self) -> None:
         """Atomic: a crash mid-write leaves the previous checkpoint intact. Unclaimed: a new state."""
         if not self.main:
             return
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not self.parameters_finite():
             print(f"error: parameters are not finite at step {self.step}; the last good checkpoint "
                   "is left untouched", file=sys.stderr)
             return
@@ -326,7 +329,7 @@ class TrainingRun:
         """Checkpoint, release file (model.pt), plot, public card, private report, summary."""
         plan, out = self.plan, self.out
         self.save_checkpoint()
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not self.parameters_finite():
             raise FloatingPointError(
                 f"the model's parameters are not finite after step {self.step} (learning rate "
                 f"{self.args.lr} too large?): no model file or card is written; the last "
