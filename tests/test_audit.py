@@ -31,11 +31,10 @@ def toy_runs(tmp_path_factory):
     common = ["--config", str(root / "t64.toml"), "--num-records", "60", "--batch-size", "32",
               "--lr", "3e-3", "--quiet"]
     parser = build_parser()
-    train(resolve_args(parser.parse_args(
-        common + ["--no-dp", "--steps", "400", "--out", str(root / "nodp")]), parser))
-    train(resolve_args(parser.parse_args(
-        common + ["--noise-multiplier", "3", "--steps", "60", "--epsilon-every", "60",
-                  "--dp-seed", "0", "--out", str(root / "dp")]), parser))
+    train(resolve_args(parser, common + ["--no-dp", "--steps", "400", "--out", str(root / "nodp")]))
+    train(resolve_args(parser, common + ["--noise-multiplier", "3", "--steps", "60",
+                                         "--epsilon-every", "60", "--dp-seed", "0",
+                                         "--out", str(root / "dp")]))
     results = {name: audit.audit_run(str(root / name), num_candidates=100, memorization_samples=64,
                                      quiet=True) for name in ("nodp", "dp")}
     torch.set_num_threads(threads)

@@ -45,7 +45,7 @@ def run(out, config, *flags):
         # atomics-based kernels (embedding backward, cuDNN attention) do not promise
         argv += ["--device", "cpu"]
     parser = cli.build_parser()
-    return loop.train(cli.resolve_args(parser.parse_args(argv), parser))
+    return loop.train(cli.resolve_args(parser, argv))
 
 
 def private_report(run_dir):
@@ -149,8 +149,8 @@ def test_public_card_holds_no_private_field_and_the_private_report_does(tmp_path
 
 
 def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, config):
-    flags = ["--noise-multiplier", 1.0, "--steps", 8, "--log-every", 2, "--epsilon-every", 8,
-             "--checkpoint-every", 3]
+    flags = ["--noise-multiplier", 1.0, "--max-grad-norm", 0.5, "--steps", 8, "--log-every", 2,
+             "--epsilon-every", 8, "--checkpoint-every", 3]
     full = run(tmp_path / "full", config, *flags)
     first = run(tmp_path / "split", config, *flags, "--stop-after", 4)
     assert first["status"] == "stopped" and first["step"] == 4
@@ -158,6 +158,9 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, config):
     assert card["training"]["complete"] is False and card["privacy"]["steps"] == 4
     with pytest.raises(ValueError, match="--lr"):  # settings of a resumed run cannot change
         run(tmp_path / "split", config, *flags, "--resume", "--lr", "0.1")
+    with pytest.raises(ValueError, match="--max-grad-norm 1.0 differs"):  # written at its default
+        cli.resolve_args(cli.build_parser(), ["--out", str(tmp_path / "split"), "--resume",
+                                              "--max-grad-norm", "1.0"])
     resumed = run(tmp_path / "split", config, *flags, "--resume")
     assert resumed["status"] == "complete" and resumed["step"] == 8
     assert resumed["epsilon"] == full["epsilon"]

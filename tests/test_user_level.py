@@ -176,6 +176,8 @@ def test_train_privacy_unit_user_els_states_the_per_user_epsilon(tmp_path, confi
     acc.compose(dp_accounting.SelfComposedDpEvent(step, 4))
     assert user["epsilon"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=1e-3)
     assert user["epsilon"] > p["epsilon"]
+    headline = (out / "MODEL_CARD.md").read_text().split("## Privacy")[0]  # both, per user first
+    assert f"ε = {user['epsilon']:.3g}" in headline and f"ε = {p['epsilon']:.3g}" in headline
     # the run's data is the capped rows: what was trained on, the audit's members
     from vaultkern.data import PackedCorpus
     data = PackedCorpus.load(str(out / "data.pt"))

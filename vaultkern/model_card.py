@@ -52,6 +52,12 @@ def render_markdown(card: dict) -> str:
                 f"**(ε = {_fmt(p['epsilon'], 3)}, δ = {_fmt(p['delta'], 3)})-DP** with respect to "
                 f"**{p['privacy_unit']}** ({p.get('neighbouring_datasets', 'add/remove one sequence')}).",
                 ""]
+        user = p.get("user_level") or {}
+        # ELS: the unit asked for is the user; its ε belongs in the headline too
+        if user.get("epsilon") is not None:
+            out += [f"Per user (at most {user['k']} sequences each, by group privacy): "
+                    f"**(ε = {_fmt(user['epsilon'], 3)}, δ = {_fmt(user['delta'], 3)})-DP** with "
+                    "respect to adding or removing one user.", ""]
         if not p["formal_guarantee"]:
             out += [f"**{NO_FORMAL_GUARANTEE}:** " + " ".join(p["caveats"]), ""]
     else:

@@ -114,7 +114,7 @@ class DPOptimizer(Optimizer):
         self._skip_next_step = False
         self._batch_serial = 0          # logical batches handed out by the private loader
         self._batches_used: set = set()  # of those, the ones a forward ran on since the last step
-        self._last_step_skipped = False
+        self._is_last_step_skipped = False
 
     # ---- the wrapped optimizer's attributes --------------------------------
     @property
@@ -189,7 +189,7 @@ class DPOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear grads, unless the last step was skipped (accumulation continues)."""
-        if self._last_step_skipped:
+        if self._is_last_step_skipped:
             return
         self.original_optimizer.zero_grad(set_to_none)
 
@@ -257,7 +257,7 @@ class DPOptimizer(Optimizer):
         """Noise and scale the grads; False when this step is a skipped micro-step."""
         if self._skip_next_step:
             self._skip_next_step = False
-            self._last_step_skipped = True
+            self._is_last_step_skipped = True
             return False
         n, self._batches_used = len(self._batches_used), set()
         if n > 1:
@@ -273,7 +273,7 @@ class DPOptimizer(Optimizer):
         if self.step_hook is not None:
             self.step_hook(self)
         self.steps_taken += 1
-        self._last_step_skipped = False
+        self._is_last_step_skipped = False
         return True
 
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -314,7 +314,7 @@ class DPOptimizer(Optimizer):
                                  "cannot resume reproducible noise from it")
             self.seed = int(dp_state["seed"])
         self._skip_next_step = False
-        self._last_step_skipped = False
+        self._is_last_step_skipped = False
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)

@@ -9,6 +9,7 @@ then says that no formal guarantee holds.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -170,23 +171,35 @@ def check_args(args) -> None:
         raise ValueError("--force-resume only makes sense with --resume")
 
 
-def resolve_args(args, parser) -> argparse.Namespace:
-    """With --resume: the saved run's settings (explicit conflicting flags are an error)."""
+def given_options(parser: argparse.ArgumentParser, argv) -> set:
+    """The dests of the options written on the command line ``argv``, even at their default."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``argv`` parsed; with --resume, the saved run's settings. A flag written on the command
+    line that differs from the saved run is an error, also when it is written at its default
+    (``--noise-multiplier 1.0`` against a run saved with 0.8 would otherwise be dropped)."""
     from vaultkern.run.rundir import load_checkpoint
+    args = parser.parse_args(argv)
     if args.out is None:
         args.out = os.path.join("runs", f"{os.path.splitext(os.path.basename(args.config))[0]}-"
                                         f"{'nodp' if args.no_dp else 'dp'}")
     if not args.resume:
         return args
     saved = load_checkpoint(args.out)["args"]
-    defaults = vars(parser.parse_args([]))
-    merged = dict(saved)
-    for key, value in vars(args).items():
-        if key in RESUMABLE_OVERRIDES or key == "out":
-            merged[key] = value
-        elif value != defaults.get(key) and value != saved.get(key):
-            raise ValueError(f"--{key.replace('_', '-')} {value!r} differs from the resumed run's "
-                             f"{saved.get(key)!r}; a resumed run keeps its original settings")
+    for key in given_options(parser, argv) - set(RESUMABLE_OVERRIDES) - {"out"}:
+        if getattr(args, key) != saved.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the "
+                             f"resumed run's {saved.get(key)!r}; a resumed run keeps its "
+                             "original settings")
+    # the saved settings, over today's defaults for flags newer than the checkpoint; the
+    # overrides (and --out) as given today
+    merged = {**vars(args), **saved}
+    merged.update({key: getattr(args, key) for key in (*RESUMABLE_OVERRIDES, "out")})
     return argparse.Namespace(**merged)
 
 
@@ -199,7 +212,7 @@ def main(argv=None) -> int:
         return 0
     from vaultkern.run.loop import train
     try:
-        summary = train(resolve_args(args, parser))
+        summary = train(resolve_args(parser, argv))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -70,10 +70,9 @@ def demo(out_dir: str = os.path.join("runs", "demo"), quiet: bool = False,
         if os.path.exists(os.path.join(run_dir, CKPT_FILE)):
             shutil.rmtree(run_dir)
         parser = build_parser()
-        args = parser.parse_args(_flags(settings) + extra + ["--out", run_dir]
-                                 + (["--quiet"] if quiet else []))
+        argv = _flags(settings) + extra + ["--out", run_dir] + (["--quiet"] if quiet else [])
         print(f"== {name} training ({run_dir})")
-        train(resolve_args(args, parser))
+        train(resolve_args(parser, argv))
         results[name] = audit_run(run_dir, quiet=quiet)
     table = format_comparison(results)
     with open(os.path.join(out_dir, "comparison.txt"), "w") as f:
