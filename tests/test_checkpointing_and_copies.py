@@ -28,11 +28,22 @@ def checkpoint_calls(monkeypatch):
     return calls
 
 
-def _lora(model, targets):
+def _lora(model, targets, **kw):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                          init_lora_weights=False)  # B != 0, so every adapter weight has a gradient
+                          init_lora_weights=False, **kw)  # B != 0: every adapter weight has a gradient
     return peft.get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("B", [3, 4])
+@pytest.mark.parametrize("name,targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])])
+def test_peft_dora_exact(name, targets, B):
+    """DoRA's norm reads lora_B(lora_A(torch.eye(16))): 16 rows that look like B = 4 examples'
+    rows but do not grow with the batch. No gradient flows there (the norm is detached), so
+    it is not refused; the magnitudes and the adapters are exact."""
+    model = _lora(make(name), targets, use_dora=True)
+    check_exact(model, batch(B=B))
+    assert any("magnitude" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("reentrant", [None, False, True])

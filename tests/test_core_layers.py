@@ -94,6 +94,70 @@ def test_embedding_2d_input_and_repeats():
     check(nn.Embedding(4, 3), (torch.tensor([1, 2, 1]), torch.randn(3, 3)), sq_loss, C=2.0)
 
 
+class Bags(nn.Module):
+    """An EmbeddingBag over a flat token list with offsets: `bags` ragged bags per example
+    (the first takes 2 tokens), optionally per-token weights and a tied head."""
+
+    def __init__(self, mode="mean", bags=1, padding_idx=None, weighted=False, tied=False,
+                 include_last_offset=False):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(11, 6, mode=mode, padding_idx=padding_idx,
+                                   include_last_offset=include_last_offset)
+        self.fc = nn.Linear(6, 3)
+        self.bags, self.weighted, self.tied = bags, weighted, tied
+
+    def forward(self, x):  # [B, L] token ids
+        B, L = x.shape
+        cuts = [0, 2] if self.bags == 2 else [0]
+        offsets = torch.tensor([b * L + c for b in range(B) for c in cuts]
+                               + ([B * L] if self.bag.include_last_offset else []))
+        flat = x.reshape(-1)
+        weights = (flat % 3 + 0.5).to(self.fc.weight.dtype) if self.weighted else None
+        h = self.bag(flat, offsets, per_sample_weights=weights)
+        out = self.fc(h)
+        if self.tied:
+            out = out + F.linear(h, self.bag.weight)[:, :3]
+        return out.reshape(B, self.bags * 3)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="sum"), dict(mode="mean"), dict(mode="mean", padding_idx=0),
+                                dict(mode="sum", weighted=True, padding_idx=-2),
+                                dict(mode="sum", tied=True), dict(mode="mean", bags=2, padding_idx=1),
+                                dict(mode="mean", bags=2, tied=True, include_last_offset=True)])
+def test_embedding_bag_with_offsets(kw):
+    torch.manual_seed(7)
+    model = Bags(**kw)
+    x = torch.randint(0, 6, (5, 7))
+    x[1, :4] = (kw.get("padding_idx") or 0) % 11  # repeats (and padding) inside a bag
+    check(model, (x, torch.randn(5, 3 * kw.get("bags", 1))), sq_loss, C=0.5)
+    vk.patch(model)
+    model(x).sum().backward()
+    assert "embedding_bag" in vk.summary(model) and "generic" not in vk.summary(model)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_2d_input(mode):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.EmbeddingBag(11, 4, mode=mode), nn.Linear(4, 2))
+    check(model, (torch.randint(0, 11, (4, 5)), torch.randn(4, 2)), sq_loss, C=0.5)
+
+
+def test_embedding_bag_refusals():
+    class Flat(nn.Module):  # the tutorial call: a flat token list of all examples + offsets
+        def __init__(self, mode):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(11, 4, mode=mode)
+
+        def forward(self, text, offsets):
+            return self.bag(text, offsets)
+
+    text, offsets = torch.randint(0, 11, (13,)), torch.tensor([0, 3, 7, 9])
+    with pytest.raises(vk.BatchLayoutError, match="4 bags for a batch of 13"):
+        vk.patch(Flat("mean"))(text, offsets).sum().backward()
+    with pytest.raises(vk.UnsupportedModuleError, match="mode='max' with offsets"):
+        vk.patch(Flat("max"))(text, offsets).sum().backward()
+
+
 @pytest.mark.parametrize("norm", ["layer", "layer_nobias", "rms", "gemma"])
 def test_norm_layers(norm):
     torch.manual_seed(6)

@@ -317,6 +317,32 @@ def test_parameter_used_outside_the_model_is_caught():
     vk.unpatch(model)
 
 
+class _Square(torch.autograd.Function):  # e.g. PEFT's LoHa builds its weight in one
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * ctx.saved_tensors[0] * g
+
+
+def test_parameter_read_inside_a_custom_autograd_function_is_caught():
+    class Squared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            return x @ _Square.apply(self.w)
+
+    model = vk.patch(Squared())
+    with pytest.raises(vk.UnclippedGradientError, match="'w'.*custom torch.autograd.Function"):
+        model(torch.randn(2, 3)).sum().backward()
+    assert model.w.grad is None
+
+
 def test_parent_with_own_parameter_stays_exact():
     class WithScale(nn.Module):
         def __init__(self):

@@ -41,13 +41,16 @@ def _t5_loss(model, b):
     return F.cross_entropy(logits.transpose(1, 2), b[2], reduction="none").sum(1)
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("B,T", [(2, 8), (4, 4), (3, 7)])
-def test_shared_relative_position_table_is_refused(B, T):
+def test_shared_relative_position_table_is_refused(B, T, clipping):
     """T5's relative-position bias reads a [T, T] bucket table that the whole batch shares.
     With T a multiple of B its rows looked like examples (a silently wrong gradient before);
-    now the layout check, which also runs one example more, refuses it by name."""
+    now the layout check, which also runs one example more, finds that they do not grow with
+    the batch, and the gradient reaching them is refused by name before anything is written
+    (also under per-layer clipping, which otherwise writes during the backward pass)."""
     model, b = _t5(B, T)
-    vk.patch(model, max_grad_norm=1.0)
+    vk.patch(model, max_grad_norm=1.0, clipping=clipping)
     with pytest.raises(vk.BatchLayoutError, match=r"relative_attention_bias.*shared by the whole"):
         _t5_loss(model, b).sum().backward()
     assert all(p.grad is None for p in model.parameters())
@@ -128,3 +131,32 @@ def test_ungrowable_model_warns_and_still_checks_dependence():
     with pytest.warns(RuntimeWarning, match="batch of 3 examples"):
         model(torch.randn(2, 5, 4, dtype=torch.float64)).sum().backward()
     assert model.lin.weight.grad is not None
+
+
+def test_bart_sequence_classification_is_exact():
+    """BART's classification head wants as many <eos> in every row; the layout check's
+    shifted ids would break that (the model raised inside the check), so it rotates the
+    changed rows instead."""
+    cfg = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                  encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=40,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  decoder_start_token_id=2, num_labels=3, dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.BartForSequenceClassification(cfg).double().train()
+    ids = torch.randint(3, V, (4, 7))
+    ids[:, -1] = 2
+    b = (ids, torch.tensor([0, 1, 2, 0]))
+
+    def loss(m, b):
+        return F.cross_entropy(m(input_ids=b[0]).logits, b[1], reduction="none")
+
+    grads = per_example_grads(model, b, loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    vk.patch(model, max_grad_norm=C)
+    loss(model, b).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    total = sum(float(g.square().sum()) for g in want.values()) ** 0.5
+    for n, p in model.named_parameters():  # key biases: true gradient ~0, scale by the whole
+        assert float((p.grad - want[n]).norm()) <= 1e-6 * max(float(want[n].norm()), 1e-6 * total), n

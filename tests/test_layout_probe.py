@@ -95,3 +95,35 @@ def test_torch_recurrent_layers_are_refused_with_what_to_use():
     model = nn.Sequential(nn.LSTM(D, 4, batch_first=True))
     with pytest.raises(vk.UnsupportedModuleError, match=r"'0' \(LSTM\).*DPLSTM"):
         vk.patch(model)
+
+
+class _Nested(nn.Module):
+    """Called as Opacus programs with dict datasets call it: the examples sit inside a dict
+    (or a list), after a 0-dim temperature."""
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, 3)
+
+    def forward(self, temperature, inputs):
+        x = inputs["x"] if isinstance(inputs, dict) else inputs[0]
+        return self.lin(x * inputs["scale"] if isinstance(inputs, dict) else x) / temperature
+
+
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_examples_inside_a_dict_or_list(container):
+    torch.manual_seed(0)
+    model = _Nested().double()
+    x = torch.randn(5, D, dtype=torch.float64)
+    t = torch.tensor(2.0, dtype=torch.float64)
+
+    def loss(m, b):
+        inputs = {"x": b[0], "scale": b[1]} if container == "dict" else [b[0]]
+        return m(t, inputs).sum(1)
+
+    batch = (x, torch.rand(5, 1, dtype=torch.float64) + 0.5)
+    want, want_norms = oracle(model, batch, loss, 0.5)
+    vk.patch(model, max_grad_norm=0.5)
+    loss(model, batch).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError, UnsupportedModuleError
 
@@ -85,6 +85,37 @@ class _DerivedGuard(torch.autograd.Function):
             "its input had no batch dimension where vaultkern expects one. Its gradient cannot "
             "be clipped per example. Compute it inside the forward from inputs whose dim 0 "
             "holds the examples (or one row shared by all).")
+
+
+def ungrown_key(site: str, name: str, slot: int, dims: int) -> tuple:
+    """One input of one call, the same in every forward: (site, call, position, dims)."""
+    return site, name, slot, dims
+
+
+UNGROWN = (
+    "vaultkern: in module '{where}', an input of {name} {detail}: it does not hold examples but "
+    "is shared by the whole batch (e.g. a relative-position bias table built from the sequence "
+    "length). The per-example gradients of the parameters it meets cannot be separated at this "
+    "layer, so per-example clipping is refused. Freeze those parameters, or keep the batch in "
+    "dim 0 of every input of a layer with trainable parameters.")
+
+
+class _RefuseGradient(torch.autograd.Function):
+    """Identity on a call's output whose input only looked like batch rows (the layout check
+    found that it does not grow with the batch): harmless while no gradient reaches it
+    (DoRA's torch.eye product feeds a detached norm), refused as soon as one does."""
+
+    @staticmethod
+    def forward(ctx, message, x):
+        ctx.message = message
+        if x._is_view() or x.is_leaf:
+            return x.view_as(x)
+        ctx.mark_dirty(x)  # the model may still update it in place
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise BatchLayoutError(ctx.message)
 
 
 class CaptureMode(TorchFunctionMode):
@@ -216,11 +247,29 @@ class Capture:
         data = [x for x, e in zip(leaves, entries) if e is None and self.is_batched(x)]
         if not data and func not in handlers.SHARED_INPUTS:
             return self.derive(func, leaves, entries, spec)
-        if handler is not None:
-            out = handler(self, func, args, kwargs)
-            if out is not NotImplemented:
-                return out
-        return handlers.generic_consumption(self, func, leaves, entries, spec)
+        ungrown = self.ungrown_input(func, leaves)
+        out = NotImplemented if handler is None else handler(self, func, args, kwargs)
+        if out is NotImplemented:
+            out = handlers.generic_consumption(self, func, leaves, entries, spec)
+        if ungrown is None:
+            return out
+        self.state.bookkeeper.wait_for_all = True  # nothing is written before it is refused
+        return tree_map(lambda o: _RefuseGradient.apply(ungrown, o)
+                        if isinstance(o, torch.Tensor) and o.requires_grad else o, out)
+
+    def ungrown_input(self, func, leaves) -> Optional[str]:
+        """The refusal for this call if it splits an input that the layout check found not
+        to grow with the batch, else None."""
+        if not self.state.ungrown:
+            return None
+        name, site = getattr(func, "__name__", repr(func)), self.site().path
+        inputs = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.params
+                  and x.dim() > 0 and id(x) not in self.buffers]
+        for slot, x in enumerate(inputs):
+            if ungrown_key(site, name, slot, x.dim()) in self.state.ungrown and self.is_batched(x):
+                return UNGROWN.format(where=site, name=name,
+                                      detail="does not grow with the batch (a gradient reached it)")
+        return None
 
     def derive(self, func, leaves, entries, spec):
         """A call on parameters (and constants) only: a derived value, no gradient yet."""

@@ -7,7 +7,8 @@ parameter's gradient *form* (:mod:`vaultkern.core.grad_forms`):
 
 * ``F.linear``, ``matmul``/``mm`` with a weight on the right, ``addmm`` (GPT-2's
   Conv1D): factored forms (output grads, inputs) — ghost or direct norms;
-* ``F.embedding``: token ids and output grads (one-hot factored form);
+* ``F.embedding``, ``F.embedding_bag``: token ids and the gradients of the rows they look
+  up (one-hot factored form; :mod:`vaultkern.core.embedding_rules`);
 * ``F.layer_norm``, ``F.rms_norm``: per-example gradients Σ_t x̂_t ∘ g_t, Σ_t g_t;
 * ``*``, ``+``, ``-`` between data and a parameter (or a value derived from one:
   Llama's ``weight * h``, Gemma's ``h * (1.0 + weight.float())``): per-example
@@ -28,7 +29,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from vaultkern.backend import acc_dtype
-from vaultkern.core.errors import BatchLayoutError, UnsupportedModuleError
+from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.grad_forms import Factored, Materialized
 
 
@@ -163,40 +164,6 @@ def _addmm(cap, func, args, kwargs):
         return NotImplemented
     bias, x, w = args
     return _linear_like(cap, func, args, kwargs, x, w, bias, True)
-
-
-# --- embeddings ------------------------------------------------------------------------------
-
-def _embedding(cap, func, args, kwargs):
-    a = _bind(F.embedding, args, kwargs)
-    ids, w = a["input"], a["weight"]
-    e = cap.lookup(w)
-    if cap.lookup(ids) is not None or e is None or e.alias is None or e.alias[1]:
-        return NotImplemented
-    bad = [what for what, on in (("max_norm (renormalises the table in place)", a["max_norm"] is not None),
-                                  ("scale_grad_by_freq (mixes examples)", a["scale_grad_by_freq"]),
-                                  ("sparse gradients", a["sparse"])) if on]
-    if bad:
-        raise UnsupportedModuleError(
-            f"vaultkern: the embedding in {cap.site().describe()} uses {', '.join(bad)}, which "
-            "per-example clipping does not support")
-    if ids.dim() == 0 or not cap.is_batched(ids):  # ids shared by every example, e.g.
-        ids = ids.reshape(1, *ids.shape)           # positions arange(T): one row for all
-    ids_b = cap.rows_for_batch(ids, "the token ids of an embedding")
-    a["input"], a["weight"] = ids_b, e.value.detach()
-    out = func(**a)
-    root, B, table_rows = e.alias[0], cap.batch, w.shape[0]
-    pad = a["padding_idx"]
-    if pad is not None and pad < 0:
-        pad += table_rows
-
-    def embedding(saved, g):
-        rows = saved[0].reshape(B, math.prod(saved[0].shape[1:]) * (saved[0].shape[0] // B if B else 1))
-        if pad is not None:  # the padding row receives no gradient
-            rows = rows.masked_fill(rows == pad, -1)
-        return {root: Factored(rows.long(), by_example(g, B), one_hot=True, rows=table_rows)}
-
-    return _captured(cap, out, [ids_b], [root], embedding)
 
 
 # --- norms -----------------------------------------------------------------------------------
@@ -408,17 +375,20 @@ def _leaf_names(d: dict) -> List[str]:
     return names
 
 
+from vaultkern.core import embedding_rules  # noqa: E402 - uses the helpers above
+
 HANDLERS = {
     F.linear: _f_linear,
     torch.matmul: _matmul, torch.Tensor.matmul: _matmul, torch.Tensor.__matmul__: _matmul,
     torch.mm: _matmul, torch.Tensor.mm: _matmul,
     torch.addmm: _addmm,
-    F.embedding: _embedding,
+    F.embedding: embedding_rules.embedding, F.embedding_bag: embedding_rules.embedding_bag,
     F.layer_norm: _norm, F.rms_norm: _norm,
     F.multi_head_attention_forward: _multi_head_attention,
 }
 OWN_BATCH_DIMS = {F.multi_head_attention_forward}
-SHARED_INPUTS = {F.embedding}  # ids without a batch dim (positions) are one row for all
+# ids without a batch dim (positions) are one row for all; bags are checked by their rule
+SHARED_INPUTS = {F.embedding, F.embedding_bag}
 for _f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.add,
            torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.sub, torch.Tensor.sub,
            torch.Tensor.__sub__, torch.Tensor.__rsub__):

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
 from vaultkern.core.clipping import POLICIES, thresholds_for
@@ -57,6 +58,7 @@ class _PatchState:
         self.forward_id = 0
         self.batch = 0
         self.layout_checked = False
+        self.ungrown: set = set()   # inputs that do not grow with the batch (probe.py)
         self.model_active = False   # inside the patched model's own forward
         self.root_reads = False     # the model's own forward reads trainable parameters
         self.probing = False        # the layout check's forwards are running
@@ -145,8 +147,10 @@ class _Guard:
         raise UnclippedGradientError(
             f"vaultkern: parameter '{self.name}' received an ordinary (unclipped) gradient: it "
             "was read outside the forward of the patched model (e.g. by code that calls a "
-            "submodule's weight after the model returned, or by a module vaultkern never saw). "
-            "Compute everything that uses trainable parameters inside the patched model's forward.")
+            "submodule's weight after the model returned, or by a module vaultkern never saw), "
+            "or inside a custom torch.autograd.Function, whose own backward vaultkern cannot "
+            "split per example (e.g. PEFT's LoHa). Compute everything that uses trainable "
+            "parameters inside the patched model's forward, with torch operations.")
 
 
 class _EnterCapture:
@@ -255,13 +259,21 @@ def _mark_outputs(output, bookkeeper):
     return None
 
 
-def _batch_of(args, kwargs, allow_empty: bool) -> int:
+def primary_input(args, kwargs) -> Optional[torch.Tensor]:
+    """The input whose dim 0 is the batch: an ``input_ids``-like keyword, else the first
+    tensor of at least one dimension among the positional arguments (inside lists, tuples
+    and dicts too), else among the keyword arguments."""
     tensor = next((kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    for tree in (args, kwargs):
+        if tensor is None:
+            tensor = next((t for t in tree_flatten(tree)[0]
+                           if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return tensor
+
+
+def _batch_of(args, kwargs, allow_empty: bool) -> int:
+    tensor = primary_input(args, kwargs)
     if tensor is None:
-        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if tensor is None:
-        tensor = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    if tensor is None or tensor.dim() == 0:
         raise ValueError("vaultkern: the patched model was called without a tensor whose dim 0 "
                          "holds the examples (e.g. input_ids of shape [B, T])")
     if tensor.shape[0] == 0 and not allow_empty:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from vaultkern.core.capture import DETACHING
+from vaultkern.core.capture import DETACHING, UNGROWN, ungrown_key
 from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 
@@ -70,7 +70,7 @@ class _Probe:
         self.modules = {id(m): m for m in model.modules()}
         self.readers = {id(m) for p, m in model.named_modules() if (p or "<root>") in state.sites}
         self.stack: List[nn.Module] = []
-        self.records: List[Tuple[str, str, List[torch.Tensor]]] = []
+        self.records: List[tuple] = []  # (where, call, row digests, input sizes, site)
         self.new_readers = {}
 
     def pre(self, module, args):
@@ -103,6 +103,8 @@ class _Probe:
                 self.new_readers[id(m)] = m
                 self.readers.add(id(m))
         where = self.paths.get(id(inside[-1]), "<root>") if inside else "<root>"
+        # the site the capture will attribute this call to: the innermost reader
+        site = next((self.paths[id(m)] for m in reversed(inside) if id(m) in self.readers), "")
         if func is F.multi_head_attention_forward:  # [T, B, E]: examples in dim 1
             inputs = [x.transpose(0, 1) for x in args[:3]
                       if isinstance(x, torch.Tensor) and x.dim() == 3]
@@ -113,7 +115,7 @@ class _Probe:
         name = getattr(func, "__name__", repr(func))
         digests = [_row_digest(x) for x, b in zip(inputs, batched) if b]
         sizes = [(x.shape[0], x.dim(), b) for x, b in zip(inputs, batched)]
-        self.records.append((where or "<root>", name, digests, sizes))
+        self.records.append((where or "<root>", name, digests, sizes, site or "<root>"))
 
 
 def _row_digest(t: torch.Tensor) -> torch.Tensor:
@@ -121,29 +123,25 @@ def _row_digest(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
 
 
-def _perturbed(args, kwargs, examples: List[int]) -> Optional[Tuple[tuple, dict]]:
-    """The inputs with some examples of the primary input changed (None if they cannot be)."""
-    from vaultkern.core.patch import _BATCH_KWARGS
-    key = next((k for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
-    if key is not None:
-        x = kwargs[key]
-    else:
-        idx = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
-        if idx is None:
-            return None
-        x = args[idx]
-    if x.dim() == 0 or x.shape[0] < 2 or x.dtype == torch.bool:
+def _perturbed(args, kwargs, examples: List[int], roll: bool = False) -> Optional[Tuple[tuple, dict]]:
+    """The inputs with some examples of the primary input changed (None if they cannot be):
+    noise added, token ids shifted by one, or (``roll``) each changed row of ids rotated by
+    one position, which keeps every token of the row."""
+    from vaultkern.core.patch import primary_input
+    x = primary_input(args, kwargs)
+    if x is None or x.shape[0] < 2 or x.dtype == torch.bool or (roll and (
+            x.is_floating_point() or x.dim() < 2)):
         return None
     y = x.clone()
-    if x.is_floating_point():
+    if roll:
+        y[examples] = y[examples].roll(1, dims=-1)
+    elif x.is_floating_point():
         gen = torch.Generator(device="cpu").manual_seed(0)
         scale = float(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0).std()) + 1.0
         y[examples] += (torch.randn(y[examples].shape, generator=gen) * scale).to(y)
     else:
         y[examples] = (y[examples] + 1) % max(int(x.max()) + 1, 2)
-    if key is not None:
-        return args, {**kwargs, key: y}
-    return tuple(y if i == idx else a for i, a in enumerate(args)), kwargs
+    return tree_map(lambda t: y if t is x else t, (args, kwargs))
 
 
 def _example_sets(B: int) -> List[List[int]]:
@@ -184,6 +182,22 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
     return probe.records
 
 
+def _changed_run(probe: _Probe, model: nn.Module, args, kwargs, examples, changed):
+    """The run with ``examples`` changed. A model that refuses ids shifted by one (one that
+    counts its special tokens: BART's classification head wants as many <eos> in every row)
+    gets those rows rotated by one position instead."""
+    try:
+        return _run(probe, model, *changed)
+    except Exception as shifted:  # noqa: BLE001 - the model's own check of its input
+        rolled = _perturbed(args, kwargs, examples, roll=True)
+        if rolled is None:
+            raise shifted
+        try:
+            return _run(probe, model, *rolled)
+        except Exception:  # noqa: BLE001
+            raise shifted from None
+
+
 def check_layout(state, model: nn.Module, args, kwargs) -> None:
     """Run the probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
@@ -203,7 +217,8 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     state.probing = True
     try:
         first = _run(probe, model, args, kwargs)
-        runs = [(example, _run(probe, model, *c)) for example, c in changed]
+        runs = [(examples, _changed_run(probe, model, args, kwargs, examples, c))
+                for examples, c in changed]
         state.batch = B + 1
         try:
             grown = _run(probe, model, *_grown(args, kwargs, B))
@@ -228,39 +243,41 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 f"'{where}') change when only {_which(examples)} change: the model routes rows "
                 "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
                 "cannot be attributed to examples and per-example clipping is refused.")
-        for (where, name, rows_a, _), (_, _, rows_b, _) in zip(first, second):
+        for (where, name, rows_a, _, _), (_, _, rows_b, _, _) in zip(first, second):
             for a, b in zip(rows_a, rows_b):
                 _compare(where, name, a, b, B, examples)
-    _check_sizes(first, grown, B)
+    state.ungrown = _check_sizes(first, grown, B)
 
 
-def _check_sizes(first, grown, B: int) -> None:
-    """Every input the capture will split into examples must grow with the batch."""
+def _check_sizes(first, grown, B: int) -> set:
+    """Every input the capture will split into examples must grow with the batch. Returns
+    the keys of those that do not but may carry no gradient (PEFT's DoRA multiplies its
+    adapter with torch.eye(d) for a norm that it detaches): the capture refuses them in
+    the backward pass, should a gradient reach one (UNGROWN)."""
     if isinstance(grown, Exception):
         warnings.warn(f"vaultkern: the layout check could not run the model on a batch of "
                       f"{B + 1} examples ({type(grown).__name__}: {grown}); inputs that do not "
                       "follow the batch size were not checked.", RuntimeWarning, stacklevel=4)
-        return
+        return set()
     if len(grown) != len(first):
         where = next((a[0] for a, b in zip(first, grown) if a[:2] != b[:2]), first[-1][0])
         raise BatchLayoutError(
             f"vaultkern: the calls that read trainable parameters (first difference in "
             f"'{where}') change with the batch size: rows of a call cannot be attributed to "
             "examples, so per-example clipping is refused.")
-    for (where, name, _, sizes), (_, _, _, grown_sizes) in zip(first, grown):
-        for (n, dims, batched), (n_grown, _, _) in zip(sizes, grown_sizes):
+    ungrown = set()
+    for (where, name, _, sizes, site), (_, _, _, grown_sizes, _) in zip(first, grown):
+        for slot, ((n, dims, batched), (n_grown, _, _)) in enumerate(zip(sizes, grown_sizes)):
             if n_grown * B == n * (B + 1) or n == n_grown == 1:
                 continue  # batch rows (k per example), or one row shared by all
             shared_table = name == "embedding" and not batched and dims > 1
-            if batched or shared_table:
-                raise BatchLayoutError(
-                    f"vaultkern: in module '{where}', an input of {name} has {n} rows in dim 0 "
-                    f"for {B} examples and {n_grown} for {B + 1}: it does not hold examples but "
-                    "is shared by the whole batch (e.g. a relative-position bias table built "
-                    "from the sequence length). The per-example gradients of the parameters it "
-                    "meets cannot be separated at this layer, so per-example clipping is "
-                    "refused. Freeze those parameters, or keep the batch in dim 0 of every "
-                    "input of a layer with trainable parameters.")
+            if batched and not shared_table and name != "multi_head_attention_forward":
+                ungrown.add(ungrown_key(site, name, slot, dims))
+            elif batched or shared_table:
+                raise BatchLayoutError(UNGROWN.format(
+                    where=where, name=name,
+                    detail=f"has {n} rows in dim 0 for {B} examples and {n_grown} for {B + 1}"))
+    return ungrown
 
 
 def _which(examples: List[int]) -> str:
