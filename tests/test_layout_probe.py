@@ -70,6 +70,29 @@ def test_a_middle_example_broadcast_to_all_is_refused(B):
         _sum_loss(model, (torch.randn(B, D, dtype=torch.float64),)).sum().backward()
 
 
+class _BatchMeanContext(nn.Module):
+    """A mean over the batch meets a trainable layer inside a module that also owns a
+    parameter: the [T, d] context looks like no example's rows, so only dependence tells it
+    from a constant (it was accepted silently before)."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+        self.scale = nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        return self.a(x) * self.scale + self.b(x.mean(0))
+
+
+@pytest.mark.parametrize("B,T", [(4, 5), (3, 7)])
+def test_a_batch_statistic_meeting_a_parameter_is_refused(B, T):
+    torch.manual_seed(0)
+    model = _BatchMeanContext().double()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"module 'b'.*no example owns"):
+        _sum_loss(model, (torch.randn(B, T, D, dtype=torch.float64),)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 class _Attention(nn.Module):
     def __init__(self, batch_first):
         super().__init__()

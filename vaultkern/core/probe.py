@@ -113,7 +113,11 @@ class _Probe:
                       and id(x) not in cap.params and x.dim() > 0 and id(x) not in cap.buffers]
         batched = [cap.is_batched(x) for x in inputs]
         name = getattr(func, "__name__", repr(func))
-        digests = [_row_digest(x) for x, b in zip(inputs, batched) if b]
+        # frozen parameters are constants; every other input is compared across the runs, but
+        # for a bag's flat tokens (and offsets, weights): its rule splits them by the offsets
+        bags = func is F.embedding_bag
+        digests = [None if isinstance(x, nn.Parameter) or (bags and x.dim() == 1) else _row_digest(x)
+                   for x in inputs]
         sizes = [(x.shape[0], x.dim(), b) for x, b in zip(inputs, batched)]
         self.records.append((where or "<root>", name, digests, sizes, site or "<root>"))
 
@@ -243,9 +247,21 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 f"'{where}') change when only {_which(examples)} change: the model routes rows "
                 "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
                 "cannot be attributed to examples and per-example clipping is refused.")
-        for (where, name, rows_a, _, _), (_, _, rows_b, _, _) in zip(first, second):
-            for a, b in zip(rows_a, rows_b):
-                _compare(where, name, a, b, B, examples)
+        for (where, name, rows_a, sizes, _), (_, _, rows_b, _, _) in zip(first, second):
+            for a, b, (_, _, batched) in zip(rows_a, rows_b, sizes):
+                if a is None:
+                    continue
+                if batched:
+                    _compare(where, name, a, b, B, examples)
+                elif a.shape != b.shape or not _close(a, b).all():
+                    raise BatchLayoutError(
+                        f"vaultkern: in module '{where}', an input of {name} that no example "
+                        f"owns ({a.shape[0]} rows for {B} examples: one value for the whole "
+                        f"batch) changes when only {_which(examples)} change: it is computed "
+                        "from the examples' data (e.g. a mean over the batch), so every "
+                        "example's gradient depends on the others and per-example clipping "
+                        "cannot bound one example's influence. It is refused; compute such "
+                        "statistics per example.")
     state.ungrown = _check_sizes(first, grown, B)
 
 
@@ -285,6 +301,10 @@ def _which(examples: List[int]) -> str:
     return f"example{'s' if len(examples) > 1 else ''} {shown}"
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.isclose(a, b, rtol=_TOLERANCE, atol=0.0, equal_nan=True) | (a == b)
+
+
 def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int,
              examples: List[int]) -> None:
     n = a.shape[0]
@@ -296,7 +316,7 @@ def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int,
         "refused. Keep the batch in dim 0 of every layer input (batch_first=True).")
     if a.shape != b.shape:
         raise BatchLayoutError(rows_differ)
-    close = (torch.isclose(a, b, rtol=_TOLERANCE, atol=0.0, equal_nan=True) | (a == b)).all(1)
+    close = _close(a, b).all(1)
     others = torch.ones(n, dtype=torch.bool)
     if n % B == 0 and n != 1:
         k = n // B
