@@ -160,3 +160,31 @@ def test_bart_sequence_classification_is_exact():
         return F.cross_entropy(m(input_ids=b[0]).logits, b[1], reduction="none")
 
     _assert_exact(model, b, loss)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_encoder_sequence_classification_is_exact(arch):
+    """Encoders fine-tuned for classification, padded rows masked, sdpa attention."""
+    if arch == "bert":
+        cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=24, num_labels=3,
+                                      max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+        cls = transformers.BertForSequenceClassification
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=V, dim=16, n_layers=2, n_heads=4,
+                                            hidden_dim=24, num_labels=3, max_position_embeddings=32,
+                                            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+        cls = transformers.DistilBertForSequenceClassification
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).double().train()
+    ids = torch.randint(3, V, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    b = (ids, mask, torch.tensor([0, 1, 2, 1]))
+
+    def loss(m, b):
+        return F.cross_entropy(m(input_ids=b[0], attention_mask=b[1]).logits, b[2], reduction="none")
+
+    _assert_exact(model, b, loss)
