@@ -257,15 +257,19 @@ class Capture:
         return tree_map(lambda o: _RefuseGradient.apply(ungrown, o)
                         if isinstance(o, torch.Tensor) and o.requires_grad else o, out)
 
+    def call_inputs(self, leaves) -> List[torch.Tensor]:
+        """A call's tensors other than trainable parameters and buffers, in order: the layout
+        check numbers them, and the capture finds them again by that number."""
+        return [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.params
+                and x.dim() > 0 and id(x) not in self.buffers]
+
     def ungrown_input(self, func, leaves) -> Optional[str]:
         """The refusal for this call if it splits an input that the layout check found not
         to grow with the batch, else None."""
         if not self.state.ungrown:
             return None
         name, site = getattr(func, "__name__", repr(func)), self.site().path
-        inputs = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.params
-                  and x.dim() > 0 and id(x) not in self.buffers]
-        for slot, x in enumerate(inputs):
+        for slot, x in enumerate(self.call_inputs(leaves)):
             if ungrown_key(site, name, slot, x.dim()) in self.state.ungrown and self.is_batched(x):
                 return UNGROWN.format(where=site, name=name,
                                       detail="does not grow with the batch (a gradient reached it)")

@@ -109,8 +109,7 @@ class _Probe:
             inputs = [x.transpose(0, 1) for x in args[:3]
                       if isinstance(x, torch.Tensor) and x.dim() == 3]
         else:
-            inputs = [x for x in leaves if isinstance(x, torch.Tensor)
-                      and id(x) not in cap.params and x.dim() > 0 and id(x) not in cap.buffers]
+            inputs = cap.call_inputs(leaves)
         batched = [cap.is_batched(x) for x in inputs]
         name = getattr(func, "__name__", repr(func))
         # frozen parameters are constants; every other input is compared across the runs, but
