@@ -150,3 +150,92 @@ def test_examples_inside_a_dict_or_list(container):
     assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
     for n, p in model.named_parameters():
         assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+class _TablesFromTheLength(nn.Module):
+    """nanoGPT's learned positions (``wpe(arange(T))``, [T] ids) and a [T, T] table of
+    pairwise offsets through a trainable projection, both shared by every example and added
+    to the data later: with T a multiple of B their rows look like the batch's."""
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(11, D), nn.Embedding(16, D)
+        self.pair = nn.Linear(1, 1)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        positions = torch.arange(T)
+        offsets = (positions[None, :] - positions[:, None]).abs().to(self.pair.weight.dtype)
+        h = self.tok(ids) + self.pos(positions)
+        scores = torch.einsum("btd,bsd->bts", h, h) + self.pair(offsets[..., None])[..., 0]
+        return self.out(torch.softmax(scores, -1) @ h)
+
+
+@pytest.mark.parametrize("B,T", [(2, 4), (4, 4), (3, 5), (1, 3)])
+def test_tables_shared_by_every_example_are_exact(B, T):
+    """Such tables are constants: what a layer makes of them is a value derived from its
+    parameters, whose per-example gradients come from where it meets the data (T == B was
+    refused before; the offsets' linear layer too whenever T was a multiple of B)."""
+    torch.manual_seed(0)
+    model = _TablesFromTheLength().double()
+    _check_exact(model, torch.randint(0, 11, (B, T), generator=torch.Generator().manual_seed(B)))
+
+
+class _FirstRowsOfTheBatch(nn.Module):
+    """A fixed number of rows of the flattened batch, whatever its size: it does not grow
+    with the batch, and unlike a table it changes with the examples."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.b(self.a(x).flatten(0, 1)[:4]).sum(0) + self.a(x).sum(1)
+
+
+def test_rows_that_do_not_grow_and_change_with_the_examples_are_refused():
+    torch.manual_seed(0)
+    model = _FirstRowsOfTheBatch().double()
+    vk.patch(model)
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    with pytest.raises(vk.BatchLayoutError):
+        _sum_loss(model, (x,)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _ClsToken(nn.Module):
+    """A ViT-style CLS token and a weight repeated to the batch before they meet the data
+    (``cls.expand(B, -1, -1)``, ``bmm(h, W.expand(B, d, d))``, ``pos.repeat``)."""
+    def __init__(self, mix_copies=False):
+        super().__init__()
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, D)), nn.Parameter(torch.randn(1, 5, D))
+        self.W = nn.Parameter(torch.randn(D, D))
+        self.lin, self.norm = nn.Linear(D, D), nn.LayerNorm(D)
+        self.mix_copies = mix_copies
+
+    def forward(self, x):
+        B = x.shape[0]
+        cls = self.cls.expand(B, -1, -1)
+        if self.mix_copies:
+            cls = cls.cumsum(0)  # example i gets i + 1 copies: not one example's value
+        h = torch.cat([cls, x], 1) + self.pos[:, :x.shape[1] + 1].repeat(B, 1, 1)
+        h = torch.bmm(h, self.W.expand(B, D, D))
+        return self.norm(self.lin(h))[:, 0]
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_parameters_repeated_to_the_batch_are_exact(B):
+    """Each example's copy is its own: per-example gradients through the generic path (these
+    crashed with torch's error before)."""
+    torch.manual_seed(0)
+    model = _ClsToken().double()
+    with pytest.warns(RuntimeWarning, match="via cat"):
+        _check_exact(model, torch.randn(B, 4, D, dtype=torch.float64))
+
+
+def test_copies_of_a_parameter_mixed_across_examples_are_refused():
+    torch.manual_seed(0)
+    model = _ClsToken(mix_copies=True).double()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"cumsum .* mixes the copies"):
+        _sum_loss(model, (torch.randn(3, 4, D, dtype=torch.float64),)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -39,15 +39,19 @@ class Tracked:
     alias: (root, transposed) when the value is the root itself up to a dtype
         cast, a copy, or a 2-D transpose (gradients pass through unchanged), so
         the fast factored forms still apply.
+    rows: None for a value every example shares whole; k when the value holds one copy per
+        example (k rows each, example-major: a parameter repeated to the batch), and then
+        ``recompute`` rebuilds one example's k rows.
     """
 
-    __slots__ = ("value", "handle", "roots", "recompute", "alias")
+    __slots__ = ("value", "handle", "roots", "recompute", "alias", "rows")
 
     def __init__(self, value: torch.Tensor, roots: Tuple[torch.Tensor, ...],
                  recompute: Callable[..., torch.Tensor],
                  alias: Optional[Tuple[torch.Tensor, bool]] = None,
-                 handle: Optional[torch.Tensor] = None):
+                 handle: Optional[torch.Tensor] = None, rows: Optional[int] = None):
         self.value, self.roots, self.recompute, self.alias = value, roots, recompute, alias
+        self.rows = rows
         self.handle = value if handle is None else handle  # the tensor user code holds
 
 
@@ -66,6 +70,9 @@ _CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.b
           torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
           torch.Tensor.type}
 _TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
+# Calls that may repeat a value along dim 0 (to the batch size: one copy per example).
+_REPEATS = {torch.Tensor.expand, torch.Tensor.broadcast_to, torch.broadcast_to,
+            torch.Tensor.repeat, torch.tile, torch.Tensor.tile}
 
 
 class _DerivedGuard(torch.autograd.Function):
@@ -244,10 +251,16 @@ class Capture:
             return handler(self, func, args, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         entries = [self.lookup(x) for x in leaves]
-        data = [x for x, e in zip(leaves, entries) if e is None and self.is_batched(x)]
-        if not data and func not in handlers.SHARED_INPUTS:
+        tables = self.shared_table_inputs(func, leaves)
+        data = [x for x, e in zip(leaves, entries)
+                if e is None and id(x) not in tables and self.is_batched(x)]
+        if not data and (func not in handlers.SHARED_INPUTS or tables):
             return self.derive(func, leaves, entries, spec)
-        ungrown = self.ungrown_input(func, leaves)
+        ungrown = self.ungrown_input(func, leaves, tables)
+        if tables and ungrown is None:  # data and a table: the table goes whole to each example
+            batched = [e is None and id(x) not in tables and self.is_batched(x)
+                       for x, e in zip(leaves, entries)]
+            return handlers.generic_consumption(self, func, leaves, entries, spec, batched)
         out = NotImplemented if handler is None else handler(self, func, args, kwargs)
         if out is NotImplemented:
             out = handlers.generic_consumption(self, func, leaves, entries, spec)
@@ -263,15 +276,28 @@ class Capture:
         return [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.params
                 and x.dim() > 0 and id(x) not in self.buffers]
 
-    def ungrown_input(self, func, leaves) -> Optional[str]:
-        """The refusal for this call if it splits an input that the layout check found not
-        to grow with the batch, else None."""
-        if not self.state.ungrown:
-            return None
+    def _input_keys(self, func, leaves):
         name, site = getattr(func, "__name__", repr(func)), self.site().path
         for slot, x in enumerate(self.call_inputs(leaves)):
-            if ungrown_key(site, name, slot, x.dim()) in self.state.ungrown and self.is_batched(x):
-                return UNGROWN.format(where=site, name=name,
+            yield x, ungrown_key(site, name, slot, x.dim())
+
+    def shared_table_inputs(self, func, leaves) -> set:
+        """ids of this call's inputs that the layout check found to be tables no example owns
+        (the same rows at every batch size, unchanged when examples change) and that carry
+        no gradient: constants, wherever their rows look like the batch's."""
+        if not self.state.shared_tables:
+            return set()
+        return {id(x) for x, key in self._input_keys(func, leaves)
+                if key in self.state.shared_tables and not x.requires_grad}
+
+    def ungrown_input(self, func, leaves, tables=frozenset()) -> Optional[str]:
+        """The refusal for this call if it splits an input that the layout check found not
+        to grow with the batch (other than a shared table, ``tables``), else None."""
+        if not self.state.ungrown:
+            return None
+        for x, key in self._input_keys(func, leaves):
+            if key in self.state.ungrown and id(x) not in tables and self.is_batched(x):
+                return UNGROWN.format(where=key[0], name=key[1],
                                       detail="does not grow with the batch (a gradient reached it)")
         return None
 
@@ -316,10 +342,42 @@ class Capture:
             a2, k2 = tree_unflatten(vals, _spec)
             return _func(*a2, **k2)
 
+        rows = self._rows_per_example(func, leaves, used, out, recompute, roots)
+        if rows is not None and not any(e.rows is not None for e in used):
+            whole = recompute  # the call that repeats the value to the batch: one example's rows
+
+            def recompute(*root_values, _whole=whole, _rows=rows):
+                return _whole(*root_values)[:_rows]
+
         names = [self.param_name(r) for r in roots]
         guarded = _DerivedGuard.apply(out, names, *roots)
-        self.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded)
+        self.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded,
+                                            rows=rows)
         return guarded
+
+    def _rows_per_example(self, func, leaves, used, out, recompute, roots) -> Optional[int]:
+        """Rows per example if ``out`` holds one copy of a derived value per example (a CLS
+        token ``cls.expand(B, -1, -1)``, DeBERTa-v2's position keys ``repeat(B, 1, 1)``, or
+        a value computed from such copies), else None (a value shared by the whole batch)."""
+        B, name = self.batch, getattr(func, "__name__", repr(func))
+        if any(e.rows is not None for e in used):
+            if B and out.dim() and out.shape[0] % B == 0:
+                rows = out.shape[0] // B
+                one = recompute(*[r.detach() for r in roots])  # what every example sees
+                if one.shape == (rows,) + out.shape[1:] and torch.equal(
+                        one.repeat(B, *[1] * (out.dim() - 1)), out):
+                    return rows
+            raise BatchLayoutError(
+                f"vaultkern: {name} in {self.site().describe()} mixes the copies of a parameter "
+                f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "
+                "per-example gradients cannot be formed. Combine it with the data first.")
+        if func not in _REPEATS or not B or out.dim() == 0:
+            return None
+        source = next(x for x in leaves if isinstance(x, torch.Tensor))
+        before = source.shape[0] if source.dim() == out.dim() else 1  # a new leading dim
+        if before and out.shape[0] != before and out.shape[0] % (before * B) == 0:
+            return out.shape[0] // B
+        return None
 
 
 def _identity(p):

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from vaultkern.backend import acc_dtype
 from vaultkern.core.errors import BatchLayoutError, UnsupportedModuleError
@@ -44,8 +45,11 @@ def embedding(cap, func, args, kwargs):
     if cap.lookup(ids) is not None or e is None or e.alias is None or e.alias[1]:
         return NotImplemented
     _refuse_unsupported_options(cap, a, "embedding")
-    if ids.dim() == 0 or not cap.is_batched(ids):  # ids shared by every example, e.g.
-        ids = ids.reshape(1, *ids.shape)           # positions arange(T): one row for all
+    if ids.dim() > 1 and not cap.is_batched(ids):  # a table of ids no example owns (T5's
+        leaves, spec = tree_flatten((args, kwargs))  # [T, T] relative-position buckets):
+        return cap.derive(func, leaves, [cap.lookup(x) for x in leaves], spec)  # a value
+    if ids.dim() == 0 or not cap.is_batched(ids):  # of the table alone. Ids shared by every
+        ids = ids.reshape(1, *ids.shape)           # example (positions arange(T)): one row
     ids_b = cap.rows_for_batch(ids, "the token ids of an embedding")
     a["input"], a["weight"] = ids_b, e.value.detach()
     out = func(**a)

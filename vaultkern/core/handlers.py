@@ -212,8 +212,8 @@ def _elementwise(cap, func, args, kwargs):
     if len(args) != 2 or kwargs:
         return NotImplemented
     e0, e1 = cap.lookup(args[0]), cap.lookup(args[1])
-    if (e0 is None) == (e1 is None):
-        return NotImplemented
+    if (e0 is None) == (e1 is None) or (e0 or e1).rows is not None:
+        return NotImplemented  # a copy per example: the generic path
     p_pos = 0 if e0 is not None else 1
     entry, data = (e0, args[1]) if p_pos == 0 else (e1, args[0])
     if not isinstance(data, torch.Tensor) or data.dim() < entry.value.dim():

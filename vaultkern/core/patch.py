@@ -59,7 +59,12 @@ class _PatchState:
         self.batch = 0
         self.layout_checked = False
         self.ungrown: set = set()   # inputs that do not grow with the batch (probe.py)
+        self.shared_tables: set = set()  # those of them with the same rows at every batch
         self.model_active = False   # inside the patched model's own forward
+        # a derived value left the module that made it (T5 returns its position bias from
+        # the relative-bias embedding): the capture stays on until the model's forward ends,
+        # so that wherever the value meets the data it is captured
+        self.held_open = False
         self.root_reads = False     # the model's own forward reads trainable parameters
         self.probing = False        # the layout check's forwards are running
         self.forward_grad = False   # the outermost forward running now records gradients
@@ -104,7 +109,7 @@ class _PatchState:
 
     def enter(self, site: Site, args, kwargs) -> None:
         capture, mode = self.runtime()
-        if not capture.site_stack:
+        if not capture.site_stack and not self.held_open:
             if _in_backward():       # a forward recomputed by checkpointing: clip at the end
                 self.bookkeeper.queue()  # of the backward that recomputes it
             elif not self.model_active:  # a submodule called on its own
@@ -116,10 +121,30 @@ class _PatchState:
         capture, mode = self.runtime()
         if capture.site_stack:
             capture.site_stack.pop()
-            if not capture.site_stack:
+            if not capture.site_stack and not self.held_open:
                 mode.__exit__(None, None, None)
                 if not self.model_active:
                     capture.forget_derived()
+
+    def hold_open_for(self, output) -> None:
+        """Keep the capture on for the rest of the model's forward if ``output`` (a site's,
+        looked at one level deep) holds a derived value."""
+        capture = self.runtime()[0]
+        if self.held_open or not self.model_active or len(capture.site_stack) != 1 or (
+                len(capture.tracked) == len(capture.params)):
+            return
+        values = output.values() if isinstance(output, dict) else (
+            output if isinstance(output, (tuple, list)) else (output,))
+        if any(capture.lookup(v) is not None and id(v) not in capture.params for v in values):
+            self.held_open = True
+
+    def release(self) -> None:
+        """The model's forward ended: a capture held open closes."""
+        if self.held_open:
+            self.held_open = False
+            capture, mode = self.runtime()
+            if not capture.site_stack:
+                mode.__exit__(None, None, None)
 
     def note_generic(self, what: str) -> None:
         self.generic_pending.append(what)
@@ -176,6 +201,7 @@ class _ExitCapture:
 
     def __call__(self, module, args, kwargs, output):
         if not self.state.probing:
+            self.state.hold_open_for(output)
             self.state.exit()
 
 
@@ -215,6 +241,7 @@ class _ModelEnd:
             return None
         if st.root_reads:
             st.exit()
+        st.release()
         st.model_active = False
         capture = st.runtime()[0]
         if not capture.site_stack:

@@ -23,12 +23,14 @@ do not own (``F.linear(h, self.embed.weight)`` in a parent, a tied head): they
 are added to the modules whose forward runs under capture.
 
 3. A batch one example larger (example 0 appended to every input whose dim 0
-   is the batch). An input that dependence cannot tell from batch data — a
-   table built from the sequence length alone, e.g. T5's [T, T] relative-position
-   buckets, constant under every change of an example and with T a multiple of
-   B — keeps its size where batch data grows with the batch; it is refused, as
-   is a shared index table of more than one dimension (its per-example
-   gradients cannot be separated at the layer that reads it).
+   is the batch). An input that keeps its rows where batch data grows with the
+   batch, and changes in no row when an example changes, is a table no example
+   owns (T5's [T, T] relative-position buckets, DoRA's torch.eye(d)), even where
+   its rows happen to be a multiple of B: the capture treats it as a constant,
+   so what a layer makes of it and its parameters is a value derived from the
+   parameters, whose per-example gradients come from the data it meets later.
+   Any other input that does not grow with the batch is refused if a gradient
+   reaches it.
 
 Batch norm in training mode (a module, or F.batch_norm anywhere in the forward,
 with or without parameters of its own) normalises every example by statistics of
@@ -261,38 +263,60 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                         "example's gradient depends on the others and per-example clipping "
                         "cannot bound one example's influence. It is refused; compute such "
                         "statistics per example.")
-    state.ungrown = _check_sizes(first, grown, B)
+    state.ungrown, shared = _check_sizes(first, grown, B)
+    state.shared_tables = _unchanged(shared, first, [run for _, run in runs])
 
 
-def _check_sizes(first, grown, B: int) -> set:
+def _unchanged(keys: set, first, runs) -> set:
+    """The keys among ``keys`` whose input is the same in every run: a table of rows that
+    only look like the batch's must not change in any row when an example changes."""
+    changed = set()
+    for second in runs:
+        for (_, name, rows_a, sizes, site), (_, _, rows_b, _, _) in zip(first, second):
+            for slot, (a, b, (_, dims, _)) in enumerate(zip(rows_a, rows_b, sizes)):
+                key = ungrown_key(site, name, slot, dims)
+                if key in keys and (a is None or not bool(_close(a, b).all())):
+                    changed.add(key)
+    return keys - changed
+
+
+def _check_sizes(first, grown, B: int) -> Tuple[set, set]:
     """Every input the capture will split into examples must grow with the batch. Returns
-    the keys of those that do not but may carry no gradient (PEFT's DoRA multiplies its
-    adapter with torch.eye(d) for a norm that it detaches): the capture refuses them in
-    the backward pass, should a gradient reach one (UNGROWN)."""
+    the keys of the inputs that do not (``ungrown``) and of those among them that have the
+    same rows at every batch size (``shared``): tables that no example owns, such as T5's
+    [T, T] relative-position buckets or DoRA's torch.eye(d). The capture computes what a
+    call makes of a shared table and parameters alone as a value derived from the
+    parameters, whose per-example gradients come from the data it meets later; any other
+    input that does not grow is refused in the backward pass, should a gradient reach it
+    (UNGROWN)."""
     if isinstance(grown, Exception):
         warnings.warn(f"vaultkern: the layout check could not run the model on a batch of "
                       f"{B + 1} examples ({type(grown).__name__}: {grown}); inputs that do not "
                       "follow the batch size were not checked.", RuntimeWarning, stacklevel=4)
-        return set()
+        return set(), set()
     if len(grown) != len(first):
         where = next((a[0] for a, b in zip(first, grown) if a[:2] != b[:2]), first[-1][0])
         raise BatchLayoutError(
             f"vaultkern: the calls that read trainable parameters (first difference in "
             f"'{where}') change with the batch size: rows of a call cannot be attributed to "
             "examples, so per-example clipping is refused.")
-    ungrown = set()
+    ungrown, shared = set(), set()
     for (where, name, _, sizes, site), (_, _, _, grown_sizes, _) in zip(first, grown):
         for slot, ((n, dims, batched), (n_grown, _, _)) in enumerate(zip(sizes, grown_sizes)):
             if n_grown * B == n * (B + 1) or n == n_grown == 1:
                 continue  # batch rows (k per example), or one row shared by all
-            shared_table = name == "embedding" and not batched and dims > 1
-            if batched and not shared_table and name != "multi_head_attention_forward":
-                ungrown.add(ungrown_key(site, name, slot, dims))
-            elif batched or shared_table:
+            key = ungrown_key(site, name, slot, dims)
+            if batched and name == "multi_head_attention_forward" or (
+                    not batched and n != n_grown and name == "embedding" and dims > 1):
                 raise BatchLayoutError(UNGROWN.format(
                     where=where, name=name,
                     detail=f"has {n} rows in dim 0 for {B} examples and {n_grown} for {B + 1}"))
-    return ungrown
+            if n == n_grown:
+                ungrown.add(key)
+                shared.add(key)
+            elif batched:
+                ungrown.add(key)
+    return ungrown, shared
 
 
 def _which(examples: List[int]) -> str:
