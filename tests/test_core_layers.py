@@ -359,3 +359,34 @@ def test_same_shape_norms_are_stacked_exactly(monkeypatch, layers_per_stack):
     torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
     assert sorted(id(f) for group in done for f in group) == sorted(id(f) for f in forms)
 
+
+
+class _InPlaceWithParameters(nn.Module):
+    """A parameter applied to a layer's output in place (ConvBERT's ``x += bias``)."""
+    def __init__(self, op):
+        super().__init__()
+        self.lin = nn.Linear(5, 5, bias=False)
+        self.p = nn.Parameter(torch.randn(5))
+        self.op = op
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.op == "+=":
+            h += self.p
+        elif self.op == "add_":
+            h.add_(self.p, alpha=0.5)
+        elif self.op == "*=":
+            h *= self.p
+        elif self.op == "addcmul_":
+            h.addcmul_(x, self.p)
+        else:  # an in-place update of a view
+            h[:, :1] -= self.p
+        return torch.tanh(h)
+
+
+@pytest.mark.parametrize("op", ["+=", "add_", "*=", "addcmul_", "view -="])
+def test_in_place_arithmetic_with_a_parameter(op):
+    """Computed out of place (captured) and written back: exact (torch.func's error before)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5)
+    check(_InPlaceWithParameters(op), (x, torch.randn(3, 4, 5)), sq_loss, C=0.5)

@@ -8,12 +8,14 @@ for the backward pass, what the book-keeper needs for per-example norms and
 the clipped sum (DESIGN.md §9: capture belongs where the weight is consumed).
 
 Parameters are tracked by identity. A value computed from parameters alone
-(``1.0 + self.weight.float()``, ``self.weight.t()``) is a *derived* value: it
-is returned detached, behind a guard node, and remembers how to recompute it
-from its parameters, so that the call that finally meets the data can pull
-per-example gradients back to the parameters exactly. A derived value used
-outside the capture (e.g. cached and read by another module later) would
-train on nothing; its guard node raises in backward instead.
+(``1.0 + self.weight.float()``, ``self.weight.t()``, a CLS token expanded to the
+batch) is a *derived* value (:mod:`vaultkern.core.derived`): the call that finally
+meets the data pulls per-example gradients back to the parameters exactly. A
+derived value that leaves the module that made it keeps the capture on for the rest
+of the model's forward; one used outside the model (cached and read in another
+forward) would train on nothing, and its guard node raises in backward instead.
+Inputs the layout check found to be tables no example owns (T5's relative-position
+buckets) are constants, whatever their rows look like.
 
 Rows: every data tensor that meets a parameter has the model's batch B in
 dim 0 (one row per example), k·B rows (positions of examples flattened
@@ -23,36 +25,15 @@ rows (values unchanged; the output then has B rows instead of 1).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError, UnsupportedModuleError
-
-
-class Tracked:
-    """A parameter, or a value derived from parameters only.
-
-    roots: the parameters it depends on; ``recompute(*roots)`` rebuilds it.
-    alias: (root, transposed) when the value is the root itself up to a dtype
-        cast, a copy, or a 2-D transpose (gradients pass through unchanged), so
-        the fast factored forms still apply.
-    rows: None for a value every example shares whole; k when the value holds one copy per
-        example (k rows each, example-major: a parameter repeated to the batch), and then
-        ``recompute`` rebuilds one example's k rows.
-    """
-
-    __slots__ = ("value", "handle", "roots", "recompute", "alias", "rows")
-
-    def __init__(self, value: torch.Tensor, roots: Tuple[torch.Tensor, ...],
-                 recompute: Callable[..., torch.Tensor],
-                 alias: Optional[Tuple[torch.Tensor, bool]] = None,
-                 handle: Optional[torch.Tensor] = None, rows: Optional[int] = None):
-        self.value, self.roots, self.recompute, self.alias = value, roots, recompute, alias
-        self.rows = rows
-        self.handle = value if handle is None else handle  # the tensor user code holds
+from vaultkern.core import derived
+from vaultkern.core.derived import Tracked
+from vaultkern.core.errors import BatchLayoutError, UnsupportedModuleError
 
 
 # Calls whose result carries no gradient: they run on the original arguments.
@@ -64,34 +45,13 @@ DETACHING = {torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.requires_gr
               torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
               torch.rand_like, torch.randn_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
               torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor}
-# Calls that give the same values (or a transposed view) of a parameter: gradients pass
-# through unchanged, so a linear layer reading the result keeps the fast factored forms.
-_CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
-          torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
-          torch.Tensor.type}
-_TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
-# Calls that may repeat a value along dim 0 (to the batch size: one copy per example).
-_REPEATS = {torch.Tensor.expand, torch.Tensor.broadcast_to, torch.broadcast_to,
-            torch.Tensor.repeat, torch.tile, torch.Tensor.tile}
-
-
-class _DerivedGuard(torch.autograd.Function):
-    """Identity that refuses to pass a gradient: marks a derived value's escape route."""
-
-    @staticmethod
-    def forward(ctx, value, names, *roots):  # the roots make the result require grad
-        ctx.names = names
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise UnclippedGradientError(
-            f"vaultkern: a value computed from parameter(s) {ctx.names} without any input that "
-            "holds the examples in dim 0 reached the loss: either it met the data only later, "
-            "outside the patched model (e.g. cached during one forward and read in another), or "
-            "its input had no batch dimension where vaultkern expects one. Its gradient cannot "
-            "be clipped per example. Compute it inside the forward from inputs whose dim 0 "
-            "holds the examples (or one row shared by all).")
+T = torch.Tensor
+# In-place arithmetic with a parameter, and the call that computes the same out of place.
+_IN_PLACE = {T.__iadd__: T.add, T.add_: T.add, T.__isub__: T.sub, T.sub_: T.sub,
+             T.__imul__: T.mul, T.mul_: T.mul, T.__itruediv__: T.div, T.div_: T.div,
+             T.addcmul_: T.addcmul, T.addcdiv_: T.addcdiv, T.addmm_: T.addmm,
+             T.baddbmm_: T.baddbmm, T.addmv_: T.addmv, T.clamp_: T.clamp, T.lerp_: T.lerp}
+del T
 
 
 def ungrown_key(site: str, name: str, slot: int, dims: int) -> tuple:
@@ -158,7 +118,7 @@ class Capture:
         self.params = {id(p): p for _, p in named_params}
         self.names = {id(p): n for n, p in named_params}
         for p in self.params.values():
-            self.tracked[id(p)] = Tracked(p, (p,), _identity, alias=(p, False))
+            self.tracked[id(p)] = Tracked(p, (p,), derived.identity, alias=(p, False))
         self.buffers = {id(b) for b in buffers}
 
     def forget_derived(self) -> None:
@@ -246,6 +206,12 @@ class Capture:
         from vaultkern.core import handlers  # the handlers import this module
         if func in DETACHING:
             return func(*args, **kwargs)
+        if func in _IN_PLACE and args and isinstance(args[0], torch.Tensor) and (
+                self.lookup(args[0]) is None):
+            # h += self.bias: the out-of-place call, captured, then written into h (on a copy
+            # of h, which the capture may keep for the backward pass)
+            out = self.dispatch(_IN_PLACE[func], (args[0].clone(),) + tuple(args[1:]), kwargs)
+            return args[0].copy_(out)
         handler = handlers.HANDLERS.get(func)
         if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)
             return handler(self, func, args, kwargs)
@@ -269,6 +235,10 @@ class Capture:
         self.state.bookkeeper.wait_for_all = True  # nothing is written before it is refused
         return tree_map(lambda o: _RefuseGradient.apply(ungrown, o)
                         if isinstance(o, torch.Tensor) and o.requires_grad else o, out)
+
+    def derive(self, func, leaves, entries, spec):
+        """A call on parameters (and constants) only: a derived value (derived.py)."""
+        return derived.derive(self, func, leaves, entries, spec)
 
     def call_inputs(self, leaves) -> List[torch.Tensor]:
         """A call's tensors other than trainable parameters and buffers, in order: the layout
@@ -301,84 +271,4 @@ class Capture:
                                       detail="does not grow with the batch (a gradient reached it)")
         return None
 
-    def derive(self, func, leaves, entries, spec):
-        """A call on parameters (and constants) only: a derived value, no gradient yet."""
-        for x, e in zip(leaves, entries):
-            if e is None and isinstance(x, torch.Tensor) and x.requires_grad:
-                self.rows_for_batch(x, f"an input of {getattr(func, '__name__', func)}")
-        values = [e.value.detach() if e is not None else x for x, e in zip(leaves, entries)]
-        a, k = tree_unflatten(values, spec)
-        out = func(*a, **k)
-        if not isinstance(out, torch.Tensor):
-            if any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in tree_flatten(out)[0]):
-                raise BatchLayoutError(
-                    f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} "
-                    "computes several values from trainable parameters without any input whose "
-                    f"dim 0 holds the {self.batch} examples; vaultkern cannot attribute them to "
-                    "examples.")
-            return out  # shapes, sizes: no gradient to carry
-        if not out.is_floating_point():
-            return out  # comparisons, indices
-        used = [e for e in entries if e is not None]
-        roots = tuple({id(r): r for e in used for r in e.roots}.values())
-        alias = None
-        if len(used) == 1 and used[0].alias is not None:
-            root, transposed = used[0].alias
-            if func in _CASTS and out.shape == used[0].value.shape:
-                alias = (root, transposed)
-            elif out.dim() == 2 and used[0].value.dim() == 2 and (
-                    func in _TRANSPOSES or func in (torch.Tensor.transpose, torch.transpose)):
-                alias = (root, not transposed)
 
-        def recompute(*root_values, _entries=entries, _leaves=leaves, _spec=spec, _func=func,
-                      _roots=roots):
-            by_id = dict(zip(map(id, _roots), root_values))
-            vals = []
-            for x, e in zip(_leaves, _entries):
-                if e is None:
-                    vals.append(x)
-                else:
-                    vals.append(e.recompute(*[by_id[id(r)] for r in e.roots]))
-            a2, k2 = tree_unflatten(vals, _spec)
-            return _func(*a2, **k2)
-
-        rows = self._rows_per_example(func, leaves, used, out, recompute, roots)
-        if rows is not None and not any(e.rows is not None for e in used):
-            whole = recompute  # the call that repeats the value to the batch: one example's rows
-
-            def recompute(*root_values, _whole=whole, _rows=rows):
-                return _whole(*root_values)[:_rows]
-
-        names = [self.param_name(r) for r in roots]
-        guarded = _DerivedGuard.apply(out, names, *roots)
-        self.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded,
-                                            rows=rows)
-        return guarded
-
-    def _rows_per_example(self, func, leaves, used, out, recompute, roots) -> Optional[int]:
-        """Rows per example if ``out`` holds one copy of a derived value per example (a CLS
-        token ``cls.expand(B, -1, -1)``, DeBERTa-v2's position keys ``repeat(B, 1, 1)``, or
-        a value computed from such copies), else None (a value shared by the whole batch)."""
-        B, name = self.batch, getattr(func, "__name__", repr(func))
-        if any(e.rows is not None for e in used):
-            if B and out.dim() and out.shape[0] % B == 0:
-                rows = out.shape[0] // B
-                one = recompute(*[r.detach() for r in roots])  # what every example sees
-                if one.shape == (rows,) + out.shape[1:] and torch.equal(
-                        one.repeat(B, *[1] * (out.dim() - 1)), out):
-                    return rows
-            raise BatchLayoutError(
-                f"vaultkern: {name} in {self.site().describe()} mixes the copies of a parameter "
-                f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "
-                "per-example gradients cannot be formed. Combine it with the data first.")
-        if func not in _REPEATS or not B or out.dim() == 0:
-            return None
-        source = next(x for x in leaves if isinstance(x, torch.Tensor))
-        before = source.shape[0] if source.dim() == out.dim() else 1  # a new leading dim
-        if before and out.shape[0] != before and out.shape[0] % (before * B) == 0:
-            return out.shape[0] // B
-        return None
-
-
-def _identity(p):
-    return p

@@ -29,8 +29,9 @@ from vaultkern.core.bookkeeping import NONFINITE_POLICIES, BookKeeper
 from vaultkern.core.clipping import POLICIES, thresholds_for
 from vaultkern.core.capture import Capture, CaptureMode
 from vaultkern.core import refusals, sharded
-from vaultkern.core.distributed import attach_ddp
-from vaultkern.core.errors import UnclippedGradientError, UnsupportedModuleError
+from vaultkern.core.errors import UnsupportedModuleError
+from vaultkern.core.forward_hooks import (EnterCapture, ExitCapture, ModelEnd, ModelStart,
+                                         UnclippedGradientGuard, in_backward)
 from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
@@ -40,10 +41,6 @@ LOSS_REDUCTIONS = ("sum", "mean")
 DEFAULT_PER_EXAMPLE_MEMORY = 0
 LINEAR_MODES = (None, "ghost", "direct")
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "input", "x", "hidden_states", "ids")
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class _PatchState:
@@ -98,8 +95,9 @@ class _PatchState:
                 self.bookkeeper.thresholds = thresholds_for(
                     [p for _, p in params], self.bookkeeper.max_grad_norm)
             for name, p in params:
-                if not any(isinstance(h, _Guard) for h in (p._backward_hooks or {}).values()):
-                    p.register_hook(_Guard(name))
+                hooks = (p._backward_hooks or {}).values()
+                if not any(isinstance(h, UnclippedGradientGuard) for h in hooks):
+                    p.register_hook(UnclippedGradientGuard(name))
             self._runtime = (capture, CaptureMode(capture))
         return self._runtime
 
@@ -110,7 +108,7 @@ class _PatchState:
     def enter(self, site: Site, args, kwargs) -> None:
         capture, mode = self.runtime()
         if not capture.site_stack and not self.held_open:
-            if _in_backward():       # a forward recomputed by checkpointing: clip at the end
+            if in_backward():       # a forward recomputed by checkpointing: clip at the end
                 self.bookkeeper.queue()  # of the backward that recomputes it
             elif not self.model_active:  # a submodule called on its own
                 self.start_forward(args, kwargs)
@@ -160,130 +158,6 @@ class _PatchState:
         self.forward_id += 1
         self.forward_grad = torch.is_grad_enabled()
         self.batch = _batch_of(args, kwargs, self.bookkeeper.allow_empty_batch)
-
-
-class _Guard:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, grad):
-        if grad is None:
-            return
-        raise UnclippedGradientError(
-            f"vaultkern: parameter '{self.name}' received an ordinary (unclipped) gradient: it "
-            "was read outside the forward of the patched model (e.g. by code that calls a "
-            "submodule's weight after the model returned, or by a module vaultkern never saw), "
-            "or inside a custom torch.autograd.Function, whose own backward vaultkern cannot "
-            "split per example (e.g. PEFT's LoHa). Compute everything that uses trainable "
-            "parameters inside the patched model's forward, with torch operations.")
-
-
-class _EnterCapture:
-    """Forward pre-hook of a module that reads trainable parameters."""
-
-    def __init__(self, state: _PatchState, site: Site):
-        self.state, self.site = state, site
-
-    def __call__(self, module, args, kwargs):
-        if not self.state.probing:
-            self.state.enter(self.site, args, kwargs)
-            self.state.capture.check_owned(module, self.site)
-            if self.state.forward_grad and not torch.is_grad_enabled():
-                # a part of a training forward without gradients (reentrant checkpointing):
-                # its uses are made only when it is recomputed inside the backward pass, so
-                # no parameter can be clipped before the end of that backward
-                self.state.bookkeeper.wait_for_all = True
-
-
-class _ExitCapture:
-    def __init__(self, state: _PatchState):
-        self.state = state
-
-    def __call__(self, module, args, kwargs, output):
-        if not self.state.probing:
-            self.state.hold_open_for(output)
-            self.state.exit()
-
-
-class _ModelStart:
-    """Forward pre-hook of the patched model: a new forward (or a recomputation)."""
-
-    def __init__(self, state: _PatchState):
-        self.state = state
-
-    def __call__(self, module, args, kwargs):
-        st = self.state
-        if st.probing:
-            return
-        if not _in_backward():
-            if torch.is_grad_enabled():
-                refusals.check_model_loss(module, kwargs)
-            attach_ddp(st)
-            st.start_forward(args, kwargs)
-            if not st.layout_checked and torch.is_grad_enabled():
-                from vaultkern.core.probe import check_layout
-                check_layout(st, module, args, kwargs)
-        st.model_active = True
-        if st.root_reads:
-            st.enter(st.root_site, args, kwargs)
-            st.capture.check_owned(module, st.root_site)
-
-
-class _ModelEnd:
-    """Forward hook of the patched model: outputs start the backward that clips."""
-
-    def __init__(self, state: _PatchState):
-        self.state = state
-
-    def __call__(self, module, args, kwargs, output):
-        st = self.state
-        if st.probing:
-            return None
-        if st.root_reads:
-            st.exit()
-        st.release()
-        st.model_active = False
-        capture = st.runtime()[0]
-        if not capture.site_stack:
-            capture.forget_derived()
-        if st.generic_pending:
-            warnings.warn(
-                "vaultkern: these modules consume trainable parameters through calls without a "
-                "dedicated rule; their per-example gradients come from torch.func (exact, but "
-                "slower, and they are materialised): " + "; ".join(st.generic_pending),
-                RuntimeWarning, stacklevel=2)
-            st.generic_pending = []
-        if torch.is_grad_enabled():
-            return _mark_outputs(output, st.bookkeeper)
-        return None
-
-
-class _BackwardStart(torch.autograd.Function):
-    """Identity on a model output; the first node the outermost backward runs."""
-
-    @staticmethod
-    def forward(ctx, bookkeeper, x):
-        ctx.bookkeeper = bookkeeper
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.bookkeeper.queue()
-        return None, g
-
-
-def _mark_outputs(output, bookkeeper):
-    if isinstance(output, torch.Tensor):
-        return _BackwardStart.apply(bookkeeper, output) if output.requires_grad else output
-    if isinstance(output, (tuple, list)) and type(output) in (tuple, list):
-        return type(output)(_mark_outputs(o, bookkeeper) for o in output)
-    if isinstance(output, dict):  # includes transformers' ModelOutput
-        for k in list(output.keys()):
-            v = output[k]
-            if isinstance(v, torch.Tensor) and v.requires_grad:
-                output[k] = _BackwardStart.apply(bookkeeper, v)
-        return output
-    return None
 
 
 def primary_input(args, kwargs) -> Optional[torch.Tensor]:
@@ -389,8 +263,8 @@ def patch(model: nn.Module, max_grad_norm: Union[float, Sequence[float]] = 1.0,
                             allow_empty_batch, nonfinite, clipping)
     bookkeeper.per_example_budget = int(per_example_memory)
     state = _PatchState(model, bookkeeper, linear_mode)
-    model.register_forward_pre_hook(_ModelStart(state), with_kwargs=True)
-    model.register_forward_hook(_ModelEnd(state), with_kwargs=True, always_call=True)
+    model.register_forward_pre_hook(ModelStart(state), with_kwargs=True)
+    model.register_forward_hook(ModelEnd(state), with_kwargs=True, always_call=True)
     for path, module, owned in readers:
         add_reader(state, path, module, owned)
     model._vaultkern = state
@@ -406,11 +280,11 @@ def add_reader(state: _PatchState, path: str, module: nn.Module, owned) -> None:
         return
     site = Site(path, type(module).__name__, set(owned))
     state.sites[site.path] = site
-    module.register_forward_pre_hook(_EnterCapture(state, site), with_kwargs=True, prepend=True)
-    module.register_forward_hook(_ExitCapture(state), with_kwargs=True, always_call=True)
+    module.register_forward_pre_hook(EnterCapture(state, site), with_kwargs=True, prepend=True)
+    module.register_forward_hook(ExitCapture(state), with_kwargs=True, always_call=True)
 
 
-_HOOK_TYPES = (_EnterCapture, _ExitCapture, _ModelStart, _ModelEnd)
+_HOOK_TYPES = (EnterCapture, ExitCapture, ModelStart, ModelEnd)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -425,7 +299,7 @@ def unpatch(model: nn.Module) -> nn.Module:
                     getattr(module, extra, {}).pop(key, None)
     for p in model.parameters():
         hooks = p._backward_hooks or {}
-        for key in [k for k, h in hooks.items() if isinstance(h, _Guard)]:
+        for key in [k for k, h in hooks.items() if isinstance(h, UnclippedGradientGuard)]:
             del hooks[key]
     del model._vaultkern
     return model
