@@ -279,3 +279,25 @@ def test_vit_cls_token_is_exact():
          torch.randint(0, 3, (3,), generator=g))
     _assert_exact(model, b, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1],
                                                          reduction="none"))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_t5_with_gradient_checkpointing(reentrant):
+    """Non-reentrant checkpointing recomputes the blocks that the position bias crosses:
+    exact. Reentrant checkpointing hands the bias from block to block as a plain output, whose
+    gradient is summed over the batch: refused by name, nothing written."""
+    model, b = _t5(3, 6)
+    grads = per_example_grads(model, b, _t5_loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    vk.patch(model, max_grad_norm=C)
+    if reentrant:
+        with pytest.raises(vk.UnclippedGradientError, match="use_reentrant=False is exact"):
+            _t5_loss(model, b).sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+        return
+    _t5_loss(model, b).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n

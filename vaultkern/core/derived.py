@@ -68,9 +68,11 @@ class _DerivedGuard(torch.autograd.Function):
             f"vaultkern: a value computed from parameter(s) {ctx.names} without any input that "
             "holds the examples in dim 0 reached the loss: either it met the data only later, "
             "outside the patched model (e.g. cached during one forward and read in another), or "
-            "its input had no batch dimension where vaultkern expects one. Its gradient cannot "
-            "be clipped per example. Compute it inside the forward from inputs whose dim 0 "
-            "holds the examples (or one row shared by all).")
+            "it was returned from a block under reentrant activation checkpointing (T5's "
+            "position bias; use_reentrant=False is exact), or its input had no batch dimension "
+            "where vaultkern expects one. Its gradient cannot be clipped per example. Compute "
+            "it inside the forward from inputs whose dim 0 holds the examples (or one row "
+            "shared by all).")
 
 
 def derive(cap, func, leaves, entries, spec):

@@ -233,7 +233,8 @@ def _elementwise(cap, func, args, kwargs):
         per_row = g.to(acc) * saved[0].to(acc) if product else g.to(acc) * sign
         return pull_back(entry, _sum_to_shape(per_row, B, shape))
 
-    return _captured(cap, out, [db], list(entry.roots), elementwise)
+    # a sum needs no activation (and saves none: checkpointing recomputes what it saved)
+    return _captured(cap, out, [db] if product else [], list(entry.roots), elementwise)
 
 
 def _sum_to_shape(t: torch.Tensor, B: int, shape: Tuple[int, ...]) -> torch.Tensor:
