@@ -239,3 +239,41 @@ def test_copies_of_a_parameter_mixed_across_examples_are_refused():
     with pytest.raises(vk.BatchLayoutError, match=r"cumsum .* mixes the copies"):
         _sum_loss(model, (torch.randn(3, 4, D, dtype=torch.float64),)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, batch_first, norm_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=batch_first,
+                                                norm_first=norm_first)
+
+    def forward(self, x, mask):
+        x = x if self.batch_first else x.transpose(0, 1)
+        h = self.layer(x, src_key_padding_mask=mask)
+        return (h if self.batch_first else h.transpose(0, 1)) * (~mask)[..., None]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer_with_a_padding_mask(batch_first, norm_first):
+    """batch_first: exact. Seq-first: the norms' [T, B, d] rows change with every example;
+    refused by name, with what to change (a pre-norm layer failed with torch's error before)."""
+    torch.manual_seed(0)
+    model = _EncoderLayer(batch_first, norm_first).double()
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, -2:] = True
+    loss = lambda m, b: m(b[0], b[1]).square().flatten(1).sum(1)  # noqa: E731
+    if batch_first:
+        want, want_norms = oracle(model, (x, mask), loss, 0.5)
+        vk.patch(model, max_grad_norm=0.5)
+        loss(model, (x, mask)).sum().backward()
+        assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+        for n, p in model.named_parameters():
+            assert rel_err(p.grad, want[n]) <= 1e-6, n
+        return
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"layer\.norm1.*batch_first=True"):
+        loss(model, (x, mask)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -259,9 +259,11 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                         f"vaultkern: in module '{where}', an input of {name} that no example "
                         f"owns ({a.shape[0]} rows for {B} examples: one value for the whole "
                         f"batch) changes when only {_which(examples)} change: it is computed "
-                        "from the examples' data (e.g. a mean over the batch), so every "
-                        "example's gradient depends on the others and per-example clipping "
-                        "cannot bound one example's influence. It is refused; compute such "
+                        "from the examples' data: either the examples are in another dim (a "
+                        "[T, B, d] layout: use batch_first=True), or it is a statistic of the "
+                        "batch (e.g. a mean over dim 0), so every example's gradient depends on "
+                        "the others and per-example clipping cannot bound one example's "
+                        "influence. It is refused; keep the examples in dim 0 and compute such "
                         "statistics per example.")
     state.ungrown, shared = _check_sizes(first, grown, B)
     state.shared_tables = _unchanged(shared, first, [run for _, run in runs])
