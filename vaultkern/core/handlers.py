@@ -341,6 +341,20 @@ def generic_consumption(cap, func, leaves, entries, spec, batched: Optional[List
     return tree_unflatten(out_leaves, out_spec)
 
 
+def _instance_norm(cap, func, args, kwargs):
+    """F.instance_norm in training with running statistics: the call updates them once; the
+    per-example recomputations leave them alone (they do not change its output, which uses
+    each input's own statistics, and torch.func refuses in-place updates of shared buffers)."""
+    a = _bind(func, args, kwargs)
+    if not a["use_input_stats"] or (a["running_mean"] is None and a["running_var"] is None):
+        return NotImplemented
+    with torch.no_grad():
+        func(**{k: _sub(cap, v) for k, v in a.items()})
+    a["running_mean"] = a["running_var"] = None
+    leaves, spec = tree_flatten(((), a))
+    return generic_consumption(cap, func, leaves, [cap.lookup(x) for x in leaves], spec)
+
+
 def _multi_head_attention(cap, func, args, kwargs):
     """F.multi_head_attention_forward takes [T, B, E]: vmap over dim 1 by handing the generic
     path a batch-first wrapper (masks of shape [T, S] are shared, [B·H, T, S] per example)."""
@@ -385,7 +399,7 @@ HANDLERS = {
     torch.addmm: _addmm,
     F.embedding: embedding_rules.embedding, F.embedding_bag: embedding_rules.embedding_bag,
     F.layer_norm: _norm, F.rms_norm: _norm,
-    F.multi_head_attention_forward: _multi_head_attention,
+    F.multi_head_attention_forward: _multi_head_attention, F.instance_norm: _instance_norm,
 }
 OWN_BATCH_DIMS = {F.multi_head_attention_forward}
 # ids without a batch dim (positions) are one row for all; bags are checked by their rule
