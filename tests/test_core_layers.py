@@ -369,6 +369,7 @@ class _InPlaceWithParameters(nn.Module):
         super().__init__()
         self.lin = nn.Linear(5, 5, bias=False)
         self.p = nn.Parameter(torch.randn(5))
+        self.w = nn.Parameter(torch.randn(5, 5)) if op == "einsum view *=" else None
         self.op = op
 
     def forward(self, x):
@@ -381,12 +382,16 @@ class _InPlaceWithParameters(nn.Module):
             h *= self.p
         elif self.op == "addcmul_":
             h.addcmul_(x, self.p)
+        elif self.op == "einsum view *=":  # Funnel: a view of a generic call's output scaled
+            h = torch.einsum("btd,de->bet", h, self.w)  # in place (einsum returns a view)
+            h[..., :2] *= 0.5
+            h = h.transpose(1, 2) + self.p
         else:  # an in-place update of a view
             h[:, :1] -= self.p
         return torch.tanh(h)
 
 
-@pytest.mark.parametrize("op", ["+=", "add_", "*=", "addcmul_", "view -="])
+@pytest.mark.parametrize("op", ["+=", "add_", "*=", "addcmul_", "view -=", "einsum view *="])
 def test_in_place_arithmetic_with_a_parameter(op):
     """Computed out of place (captured) and written back: exact (torch.func's error before)."""
     torch.manual_seed(0)

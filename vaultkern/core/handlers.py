@@ -45,16 +45,18 @@ class _Capture(torch.autograd.Function):
         outs, rest = tensors[:n_outs], tensors[n_outs:]
         ctx.save_for_backward(*rest[:n_saved])
         ctx.on_backward, ctx.n_rest = on_backward, len(rest)
-        # An output returned as a view of its input could not be modified in place later
-        # (`h += residual` after a Linear: Falcon, CTRL); declared modified in place instead,
-        # it is returned as-is with this node as its history, at no copy. Views (whose base
-        # would be rebased too), leaves that require grad and repeats keep the view.
-        plain = [o for i, o in enumerate(outs) if not o._is_view()
+        # An output returned as a view of its input (or declared modified in place) could
+        # not be modified in place later, nor could a view of it (`h += residual` after a
+        # Linear: Falcon, CTRL; Funnel's `attn[..., :n] *= mask` after an einsum, whose
+        # result is a view of a temporary). A detached alias is a new output with this node
+        # as its history, at no copy; it shares the input's version counter, so autograd
+        # still sees an in-place change of either. Views of an input of this node (whose
+        # base would not see their changes), leaves that require grad and repeats stay views.
+        bases = {id(r._base if r._is_view() else r) for r in rest}
+        fresh = [not (o._is_view() and id(o._base) in bases) and id(o) not in bases
                  and not (o.is_leaf and o.requires_grad) and all(o is not p for p in outs[:i])
-                 and all(o is not r for r in rest)]
-        if plain:
-            ctx.mark_dirty(*plain)
-        return tuple(o if any(o is p for p in plain) else o.view_as(o) for o in outs)
+                 for i, o in enumerate(outs)]
+        return tuple(o.detach() if f else o.view_as(o) for o, f in zip(outs, fresh))
 
     @staticmethod
     def backward(ctx, *grads):
