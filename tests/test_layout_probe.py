@@ -277,3 +277,27 @@ def test_transformer_encoder_layer_with_a_padding_mask(batch_first, norm_first):
     with pytest.raises(vk.BatchLayoutError, match=r"layer\.norm1.*batch_first=True"):
         loss(model, (x, mask)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _OneLayerForTableAndData(nn.Module):
+    """One linear layer applied to a table and to a second input (neither carries a
+    gradient, and the layout check changes only the first input): the same call at the same
+    place, so the table cannot be told apart from the data by place. It is refused if a
+    gradient reaches it."""
+    def __init__(self):
+        super().__init__()
+        self.proj, self.lin = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x, features):
+        table = torch.linspace(0, 1, 4 * D, dtype=x.dtype).reshape(4, D)
+        return torch.tanh(self.lin(x) + self.proj(features) + self.proj(table).mean(0))
+
+
+def test_one_layer_reading_a_table_and_the_data_is_refused():
+    torch.manual_seed(0)
+    model = _OneLayerForTableAndData().double()
+    vk.patch(model)
+    x, features = torch.randn(2, 2, D, dtype=torch.float64).unbind(0)
+    with pytest.raises(vk.BatchLayoutError, match=r"'proj'.*does not grow with the batch"):
+        model(x, features).square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())

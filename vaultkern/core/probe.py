@@ -302,12 +302,15 @@ def _check_sizes(first, grown, B: int) -> Tuple[set, set]:
             f"vaultkern: the calls that read trainable parameters (first difference in "
             f"'{where}') change with the batch size: rows of a call cannot be attributed to "
             "examples, so per-example clipping is refused.")
-    ungrown, shared = set(), set()
+    ungrown, shared, grows = set(), set(), set()
     for (where, name, _, sizes, site), (_, _, _, grown_sizes, _) in zip(first, grown):
         for slot, ((n, dims, batched), (n_grown, _, _)) in enumerate(zip(sizes, grown_sizes)):
-            if n_grown * B == n * (B + 1) or n == n_grown == 1:
-                continue  # batch rows (k per example), or one row shared by all
             key = ungrown_key(site, name, slot, dims)
+            if n_grown * B == n * (B + 1):
+                grows.add(key)  # batch rows (k per example)
+                continue
+            if n == n_grown == 1:
+                continue  # one row shared by all
             if batched and name == "multi_head_attention_forward" or (
                     not batched and n != n_grown and name == "embedding" and dims > 1):
                 raise BatchLayoutError(UNGROWN.format(
@@ -318,7 +321,9 @@ def _check_sizes(first, grown, B: int) -> Tuple[set, set]:
                 shared.add(key)
             elif batched:
                 ungrown.add(key)
-    return ungrown, shared
+    # a call that reads a table at one place and batch rows at another of the same forward
+    # (one module applied to both) cannot tell them apart by place: it is refused instead
+    return ungrown, shared - grows
 
 
 def _which(examples: List[int]) -> str:
