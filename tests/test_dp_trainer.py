@@ -254,3 +254,41 @@ def test_logs_hold_no_gradient_norm_of_the_unnoised_sum(tmp_path):
     quiet(trainer.train)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("epsilon" in h and h.get("grad_norm") is None for h in logs)
+
+
+def _labelled(kind, n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 61, (6,), generator=g).tolist()
+        label = (int(torch.randint(0, 3, (1,), generator=g)) if kind == "classes"
+                 else torch.randint(3, 61, (4,), generator=g).tolist())
+        rows.append({"input_ids": ids, "labels": label})
+    return rows
+
+
+def _collate_labelled(items):
+    ids = torch.tensor([x["input_ids"] for x in items])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([x["labels"] for x in items])}
+
+
+@pytest.mark.parametrize("kind", ["classes", "seq2seq"])
+def test_classifier_and_seq2seq_models_train(kind, tmp_path):
+    """A sequence classifier and an encoder-decoder (T5, sdpa, its default dropout) train
+    with their own per-example losses (the causal-LM loss crashed on both before)."""
+    if kind == "classes":
+        cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=24, num_labels=3)
+        model = transformers.BertForSequenceClassification(cfg)
+    else:
+        cfg = transformers.T5Config(vocab_size=61, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                    num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                    relative_attention_num_buckets=8)
+        model = transformers.T5ForConditionalGeneration(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = DPTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=_labelled(kind),
+                        data_collator=_collate_labelled, noise_multiplier=1.0, target_delta=1e-5)
+    quiet(trainer.train)
+    assert trainer.get_epsilon() > 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

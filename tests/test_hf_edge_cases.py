@@ -43,11 +43,11 @@ def _assert_exact(model, b, loss):
             assert p.grad is None, n
 
 
-def _t5(B, T, seed=1):
+def _t5(B, T, seed=1, attn="eager", dropout=0.0):
     cfg = transformers.T5Config(vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=1,
                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0,
-                                relative_attention_num_buckets=8, dropout_rate=0.0)
-    cfg._attn_implementation = "eager"
+                                relative_attention_num_buckets=8, dropout_rate=dropout)
+    cfg._attn_implementation = attn
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg).double().train()
     g = torch.Generator().manual_seed(seed)
@@ -59,9 +59,9 @@ def _t5_loss(model, b):
     return F.cross_entropy(logits.transpose(1, 2), b[2], reduction="none").sum(1)
 
 
-def _t5_masked(B, T):
+def _t5_masked(B, T, attn="eager"):
     """Padded inputs and decoder inputs (some rows shorter), as a seq2seq fine-tune has them."""
-    model, (ids, dec, labels) = _t5(B, T)
+    model, (ids, dec, labels) = _t5(B, T, attn=attn)
     mask, dec_mask = torch.ones_like(ids), torch.ones_like(dec)
     mask[0, -2:] = 0
     dec_mask[-1, -1:] = 0
@@ -85,6 +85,30 @@ def test_t5_relative_position_bias_is_exact(B, T, masked):
     scores meet it: exact (it was refused before)."""
     model, b = _t5_masked(B, T) if masked else _t5(B, T)
     _assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_t5_sdpa_position_bias_is_exact(masked):
+    """Under sdpa the bias can be the attention's additive mask: it goes in broadcast to
+    the batch behind a capture node, and attention runs once as it is (a per-example
+    recomputation could not redraw its dropout)."""
+    model, b = _t5_masked(3, 7, attn="sdpa") if masked else _t5(3, 7, attn="sdpa")
+    _assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
+    # the unpadded encoder hands sdpa the bias itself; padding and the decoder's causal
+    # mask combine it with the data first (torch.where: the generic path, no randomness)
+    kinds = model._vaultkern.root_site.kinds
+    assert "generic(where)" in kinds and ("attention_mask" in kinds) != masked
+
+
+def test_t5_sdpa_with_dropout_trains():
+    """Attention dropout inside sdpa (T5's default config has dropout 0.1): runs, every
+    parameter gets a finite clipped gradient (the oracle cannot redraw the masks)."""
+    model, b = _t5(3, 7, attn="sdpa", dropout=0.1)
+    vk.patch(model, max_grad_norm=1.0)
+    _t5_loss(model, b).sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+               for p in model.parameters())
+    assert float(vk.last_norms(model).max()) > 0
 
 
 def test_t5_relative_position_bias_per_layer_clipping_is_exact():

@@ -357,42 +357,7 @@ def _instance_norm(cap, func, args, kwargs):
     return generic_consumption(cap, func, leaves, [cap.lookup(x) for x in leaves], spec)
 
 
-def _multi_head_attention(cap, func, args, kwargs):
-    """F.multi_head_attention_forward takes [T, B, E]: vmap over dim 1 by handing the generic
-    path a batch-first wrapper (masks of shape [T, S] are shared, [B·H, T, S] per example)."""
-    a = _bind(func, args, kwargs)
-    if a["query"].dim() != 3:
-        return NotImplemented
-    leaves, spec = tree_flatten(((), a))
-    names = _leaf_names(a)
-    entries = [cap.lookup(x) for x in leaves]
-    batched = []
-    for x, e, n in zip(leaves, entries, names):
-        batched.append(e is None and isinstance(x, torch.Tensor) and (
-            n in ("query", "key", "value", "key_padding_mask") or (n == "attn_mask" and x.dim() == 3)))
-    for n in ("query", "key", "value"):
-        i = names.index(n)
-        leaves[i] = leaves[i].transpose(0, 1)
-    out = generic_consumption(cap, _mha_batch_first, leaves, entries, spec, batched)
-    attn, weights = out
-    return attn.transpose(0, 1), weights
-
-
-def _mha_batch_first(**a):
-    for n in ("query", "key", "value"):
-        a[n] = a[n].transpose(0, 1)
-    attn, weights = F.multi_head_attention_forward(**a)
-    return attn.transpose(0, 1), weights
-
-
-def _leaf_names(d: dict) -> List[str]:
-    names = []
-    for k, v in d.items():
-        names += [k] * len(tree_flatten(v)[0])
-    return names
-
-
-from vaultkern.core import embedding_rules  # noqa: E402 - uses the helpers above
+from vaultkern.core import attention_rules, embedding_rules  # noqa: E402 - use the helpers above
 
 HANDLERS = {
     F.linear: _f_linear,
@@ -401,7 +366,9 @@ HANDLERS = {
     torch.addmm: _addmm,
     F.embedding: embedding_rules.embedding, F.embedding_bag: embedding_rules.embedding_bag,
     F.layer_norm: _norm, F.rms_norm: _norm,
-    F.multi_head_attention_forward: _multi_head_attention, F.instance_norm: _instance_norm,
+    F.multi_head_attention_forward: attention_rules.multi_head_attention,
+    F.scaled_dot_product_attention: attention_rules.scaled_dot_product_attention,
+    F.instance_norm: _instance_norm,
 }
 OWN_BATCH_DIMS = {F.multi_head_attention_forward}
 # ids without a batch dim (positions) are one row for all; bags are checked by their rule

@@ -16,9 +16,10 @@ What changes against a plain Trainer (the DP pieces come from
   Trainer then runs with ``gradient_accumulation_steps=1`` (one loader item = one
   logical step), ``max_grad_norm=0`` (the per-example C replaces global clipping) and
   ``ignore_data_skip=True`` (the sampler resumes from its own state);
-* the loss is each example's own mean next-token loss over its labelled tokens
-  (``-100`` ignored), summed over the batch — never the batch-wide token mean of
-  ``model(labels=...)``, which couples examples (DESIGN.md §1);
+* the loss is each example's own loss, summed over the batch — never the batch-wide mean
+  of ``model(labels=...)``, which couples examples (DESIGN.md §1): chosen by the model's
+  task (:mod:`vaultkern.hf.losses`: causal LM, encoder-decoder, token or sequence
+  classification) or given as ``per_example_loss=fn(model, inputs) -> [B]``;
 * σ is calibrated from (ε, δ) and the planned steps, or given; training stops when
   the budget is spent; ε is logged; the accountant, sampler and DP step live in every
   checkpoint and come back with ``resume_from_checkpoint``; ``save_model`` writes a
@@ -35,11 +36,11 @@ import os
 from typing import Any, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
 from vaultkern.core import set_group_ids
 from vaultkern.hf.card import write_trainer_card
+from vaultkern.hf.losses import PerExampleLoss, per_example_loss_for
 from vaultkern.privacy.assembly import assemble, check_delta, steps_per_epoch
 from vaultkern.privacy.optimizer import DPOptimizer
 from vaultkern.privacy.user_sampling import UserPoissonSampler, group_microbatches
@@ -94,31 +95,20 @@ def _rows_of(batch: dict, n: int) -> dict:
     return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def per_example_lm_loss(model, inputs: dict) -> torch.Tensor:
-    """[B]: each sequence's mean next-token cross-entropy over its own labelled tokens."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    logits = model(**inputs).logits
-    shift = labels[:, 1:]
-    tokens = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shift, reduction="none",
-                             ignore_index=-100)
-    counts = (shift != -100).sum(1)
-    return tokens.sum(1) / counts.clamp(min=1)
-
-
 class DPTrainer(Trainer):
     def __init__(self, *args, target_epsilon: Optional[float] = None,
                  target_delta: Optional[float] = None, noise_multiplier: Optional[float] = None,
                  max_grad_norm: float = 1.0, dp_seed: Optional[int] = None,
                  accountant: str = "pld", card_data: Optional[dict] = None,
                  user_ids: Optional[Sequence] = None, max_rows_per_user: Optional[int] = None,
-                 **kwargs):
+                 per_example_loss: Optional[PerExampleLoss] = None, **kwargs):
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None and targs.ddp_find_unused_parameters is None:
             # every trainable parameter is used under vaultkern; with the flag DDP would keep
             # each rank's own clipped sum (vaultkern refuses it)
             targs.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        self.per_example_loss = per_example_loss or per_example_loss_for(self.model)
         for flag, what in (("is_fsdp_enabled", "FSDP (TrainingArguments fsdp=...)"),
                            ("is_deepspeed_enabled", "DeepSpeed")):
             if getattr(self, flag, False):  # they reduce the gradients through hooks that
@@ -218,7 +208,7 @@ class DPTrainer(Trainer):
             # DDP: the clipped sums are all-reduced once per logical step, on the last backward
             sync = contextlib.nullcontext() if k == len(inputs) - 1 else self.accelerator.no_sync(model)
             with sync, self.compute_loss_context_manager():
-                losses = per_example_lm_loss(model, micro)
+                losses = self.per_example_loss(model, micro)
                 self.accelerator.backward(losses.sum())
             total += losses.detach().sum()
         return total / max(inputs.rows, 1)

@@ -1,0 +1,78 @@
+"""DPTrainer's per-example losses: the right one for each task, and each the per-example
+form of the loss the model computes itself from labels= (equal when every row has as many
+labelled targets, where the model's batch mean is the mean of per-example means)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from vaultkern.hf import losses  # noqa: E402
+from vaultkern.hf.losses import per_example_loss_for  # noqa: E402
+
+V = 40
+
+
+def _bert(cls, **kw):
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=24,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    torch.manual_seed(0)
+    return cls(cfg).double()
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                relative_attention_num_buckets=8, dropout_rate=0.0)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(cfg).double()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24,
+                                   num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).double()
+
+
+g = torch.Generator().manual_seed(0)
+IDS = torch.randint(3, V, (3, 6), generator=g)
+CASES = {
+    "causal": (_llama, losses.per_example_lm_loss, IDS.clone()),
+    "seq2seq": (_t5, losses.per_example_seq2seq_loss, torch.randint(3, V, (3, 4), generator=g)),
+    "tokens": (lambda: _bert(transformers.BertForTokenClassification, num_labels=5),
+               losses.per_example_token_loss, torch.randint(0, 5, (3, 6), generator=g)),
+    "classes": (lambda: _bert(transformers.BertForSequenceClassification, num_labels=3),
+                losses.per_example_classification_loss, torch.tensor([0, 2, 1])),
+    "regression": (lambda: _bert(transformers.BertForSequenceClassification, num_labels=1),
+                   losses.per_example_classification_loss,
+                   torch.randn(3, generator=g, dtype=torch.float64)),
+    "multi-label": (lambda: _bert(transformers.BertForSequenceClassification, num_labels=3,
+                                  problem_type="multi_label_classification"),
+                    losses.per_example_classification_loss,
+                    torch.randint(0, 2, (3, 3), generator=g).double()),
+}
+
+
+@pytest.mark.parametrize("task", list(CASES))
+def test_loss_is_chosen_by_task_and_averages_to_the_models_own(task):
+    make, loss_fn, labels = CASES[task]
+    model = make()
+    assert per_example_loss_for(model) is loss_fn
+    inputs = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels}
+    per_example = loss_fn(model, inputs)
+    assert per_example.shape == (3,)
+    own = model(**inputs).loss
+    assert torch.allclose(per_example.mean().double(), own.double(), rtol=1e-6, atol=0)
+
+
+def test_peft_wrapped_classifier_gets_the_classification_loss():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_bert(transformers.BertForSequenceClassification, num_labels=3),
+                                peft.LoraConfig(task_type="SEQ_CLS", r=2,
+                                                target_modules=["query", "value"]))
+    assert per_example_loss_for(model) is losses.per_example_classification_loss
+
+
+def test_unknown_model_asks_for_a_loss():
+    with pytest.raises(ValueError, match="per_example_loss=fn"):
+        per_example_loss_for(torch.nn.Linear(2, 2))
