@@ -218,14 +218,12 @@ class Capture:
         leaves, spec = tree_flatten((args, kwargs))
         entries = [self.lookup(x) for x in leaves]
         tables = self.shared_table_inputs(func, leaves)
-        data = [x for x, e in zip(leaves, entries)
-                if e is None and id(x) not in tables and self.is_batched(x)]
-        if not data and (func not in handlers.SHARED_INPUTS or tables):
+        batched = [e is None and id(x) not in tables and self.is_batched(x)
+                   for x, e in zip(leaves, entries)]
+        if not any(batched) and (func not in handlers.SHARED_INPUTS or tables):
             return self.derive(func, leaves, entries, spec)
         ungrown = self.ungrown_input(func, leaves, tables)
         if tables and ungrown is None:  # data and a table: the table goes whole to each example
-            batched = [e is None and id(x) not in tables and self.is_batched(x)
-                       for x, e in zip(leaves, entries)]
             return handlers.generic_consumption(self, func, leaves, entries, spec, batched)
         out = NotImplemented if handler is None else handler(self, func, args, kwargs)
         if out is NotImplemented:

@@ -83,8 +83,7 @@ def per_example_loss_for(model) -> PerExampleLoss:
         return per_example_classification_loss
     if any(n.endswith("ForTokenClassification") for n in names):
         return per_example_token_loss
-    if any(n.endswith(("ForCausalLM", "LMHeadModel")) or n == "PeftModelForCausalLM"
-           for n in names):
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
         return per_example_lm_loss
     raise ValueError(
         f"vaultkern: DPTrainer has no per-example loss for {' / '.join(names)} (it knows causal "
