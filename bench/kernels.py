@@ -32,10 +32,8 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -45,6 +43,7 @@ import torch
 from vaultkern import ops  # noqa: F401  (registers the ops in ALL_OPS)
 from vaultkern.ops import fused_optimizer  # noqa: F401  (registers noisy_sgd_ / noisy_adamw_)
 from vaultkern.backend import ALL_OPS
+from vaultkern.benchmark.machine import machine_meta
 
 # ---------------------------------------------------------------------------------------------
 # timing
@@ -403,31 +402,9 @@ def print_table(rows: List[dict], fast: str) -> None:
 
 
 def environment(device: str) -> dict:
-    env = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
-               torch=torch.__version__, host=platform.node())
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    """The benchmark's machine description, plus whether Triton ran interpreted."""
+    env = machine_meta(torch.device(device))
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    try:
-        env["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["git_sha"] = None
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            env["driver"] = None
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
     return env
 
 

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                       "all": [r["rows_per_s"] for r in rs]} for name, rs in runs.items()}
     for dp, base in (("dptrainer", "trainer"), ("dptrainer-lora", "trainer-lora")):
         summary[dp]["ratio"] = summary[dp]["median"] / summary[base]["median"]
-    from vaultkern.benchmark.harness import machine_meta
+    from vaultkern.benchmark.machine import machine_meta
     meta = machine_meta(torch.device(args.device))
     meta.update(transformers=transformers.__version__, peft=peft.__version__,
                 threads=torch.get_num_threads(), batch_size=args.batch_size,

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from vaultkern.benchmark import harness, main, providers as prov, report
+from vaultkern.benchmark import config_run, harness, main, providers as prov, report
 
 PROVIDER_KEYS = {"status", "step_ms", "tokens_per_s", "ratio_vs_nondp", "peak_mem_bytes",
                  "max_batch", "timing_mode"}
@@ -123,17 +123,17 @@ def test_cli_rejects_unknown_provider_and_model(tmp_path, capsys):
 
 def test_failure_status_kinds():
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert harness.failure_status("opacus-hooks", oom, 16, True) == "oom: batch 16"
-    assert harness.failure_status("opacus-ghost", NotImplementedError("no ties"), 4, True) == \
+    assert config_run.failure_status("opacus-hooks", oom, 16, True) == "oom: batch 16"
+    assert config_run.failure_status("opacus-ghost", NotImplementedError("no ties"), 4, True) == \
         "unsupported: NotImplementedError: no ties"
     # a provider the benchmark must run never counts as "unsupported"
-    assert harness.failure_status("vaultkern", ValueError("bad"), 4, True) == "error: ValueError: bad"
-    assert harness.failure_status("opacus-hooks", ValueError("late"), 4, False) == \
+    assert config_run.failure_status("vaultkern", ValueError("bad"), 4, True) == "error: ValueError: bad"
+    assert config_run.failure_status("opacus-hooks", ValueError("late"), 4, False) == \
         "error: ValueError: late"
 
 
 def test_time_summary():
-    s = harness.summarize_times([0.004, 0.001, 0.002, 0.003, 0.005])
+    s = config_run.summarize_times([0.004, 0.001, 0.002, 0.003, 0.005])
     assert s["n"] == 5 and s["median"] == pytest.approx(3.0)
     assert s["p10"] == pytest.approx(1.4) and s["p90"] == pytest.approx(4.6)
     assert s["samples"] == [4.0, 1.0, 2.0, 3.0, 5.0]
@@ -141,7 +141,7 @@ def test_time_summary():
 
 def test_every_provider_starts_from_the_same_weights():
     h = harness.Harness(harness.RunOptions(size="micro", models=["gpt2"], ties=["tied"]))
-    run = harness.ConfigRun(h, *h.plan[0])
+    run = config_run.ConfigRun(h, *h.plan[0])
     a, b = run.fresh_model(), run.fresh_model()
     assert a.lm_head.weight is a.embed_tokens.weight  # the tie survives
     assert a.lm_head.weight is not b.lm_head.weight   # separate copies
@@ -154,8 +154,8 @@ def test_every_provider_starts_from_the_same_weights():
 
 def test_max_batch_search_doubles_then_bisects(monkeypatch):
     h = harness.Harness(harness.RunOptions(size="micro", models=["gemma"], ties=["untied"]))
-    run = harness.ConfigRun(h, *h.plan[0])
-    run.spec = harness.ModelSpec("fake", batch=8, max_batch_cap=256)
+    run = config_run.ConfigRun(h, *h.plan[0])
+    run.spec = config_run.ModelSpec("fake", batch=8, max_batch_cap=256)
     run.batch = 8
     probed = []
 
