@@ -65,3 +65,30 @@ def test_iterating_without_training_does_not_count():
     _loss(model, batch).backward()
     opt.step()
     assert engine.accountant.total_steps == 1
+
+
+def test_evaluation_forward_with_gradients_between_steps_is_not_a_new_batch():
+    """An evaluation pass without torch.no_grad() after a step (Opacus' tutorials' loops
+    do this) runs forwards on the batch already stepped on; the next step is one batch."""
+    engine, model, opt, loader = _private()
+    held_out = torch.randn(5, 3)
+    for epoch in range(2):
+        for batch in loader:
+            _loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+            model(held_out).sum()  # evaluation with gradients enabled, no backward
+        model(held_out).sum()
+    assert engine.accountant.total_steps == 2 * len(loader)
+
+
+def test_a_second_step_on_the_same_batch_is_refused():
+    engine, model, opt, loader = _private()
+    batch = next(iter(loader))
+    _loss(model, batch).backward()
+    opt.step()
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    with pytest.raises(RuntimeError, match="again on the sampled batch"):
+        opt.step()
+    assert engine.accountant.total_steps == 1

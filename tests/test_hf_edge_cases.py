@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vaultkern as vk
-from hf_zoo import V, batch, make
+from hf_zoo import V, assert_exact, batch, lm_loss, make
 from oracle import clip_and_sum, per_example_grads, rel_err
 from test_hf_zoo import check_exact
 
@@ -23,24 +23,6 @@ def test_bias_only_training_is_exact(name, B):
         p.requires_grad_(n.endswith("bias"))
     assert any(p.requires_grad for p in model.parameters())
     check_exact(model, batch(B=B, T=6))
-
-
-def _assert_exact(model, b, loss):
-    """vk.patch against the oracle with C the median norm (some examples clipped). Parameters
-    whose true gradient is ~0 (key biases) are compared at the scale of the whole gradient."""
-    grads = per_example_grads(model, b, loss)
-    C = float(clip_and_sum(grads, 1.0)[1].median())
-    want, want_norms = clip_and_sum(grads, C)
-    vk.patch(model, max_grad_norm=C)
-    loss(model, b).sum().backward()
-    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
-    total = sum(float(g.square().sum()) for g in want.values()) ** 0.5
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            err = float((p.grad - want[n]).norm()) / max(float(want[n].norm()), 1e-6 * total)
-            assert err <= 1e-6, n
-        else:
-            assert p.grad is None, n
 
 
 def _t5(B, T, seed=1, attn="eager", dropout=0.0):
@@ -84,7 +66,7 @@ def test_t5_relative_position_bias_is_exact(B, T, masked):
     every example, so the bias is a value derived from the parameter, captured where the
     scores meet it: exact (it was refused before)."""
     model, b = _t5_masked(B, T) if masked else _t5(B, T)
-    _assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
+    assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -93,7 +75,7 @@ def test_t5_sdpa_position_bias_is_exact(masked):
     the batch behind a capture node, and attention runs once as it is (a per-example
     recomputation could not redraw its dropout)."""
     model, b = _t5_masked(3, 7, attn="sdpa") if masked else _t5(3, 7, attn="sdpa")
-    _assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
+    assert_exact(model, b, _t5_masked_loss if masked else _t5_loss)
     # the unpadded encoder hands sdpa the bias itself; padding and the decoder's causal
     # mask combine it with the data first (torch.where: the generic path, no randomness)
     kinds = model._vaultkern.root_site.kinds
@@ -147,7 +129,7 @@ def test_t5_encoder_classifier_is_exact():
     model = Classifier().double().train()
     g = torch.Generator().manual_seed(2)
     b = (torch.randint(3, V, (4, 8), generator=g), torch.randint(0, 3, (4,), generator=g))
-    _assert_exact(model, b, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+    assert_exact(model, b, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
 
 
 @pytest.mark.parametrize("kind", ["prompt", "p-tuning"])
@@ -228,7 +210,7 @@ def test_bart_sequence_classification_is_exact():
     def loss(m, b):
         return F.cross_entropy(m(input_ids=b[0]).logits, b[1], reduction="none")
 
-    _assert_exact(model, b, loss)
+    assert_exact(model, b, loss)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
@@ -256,7 +238,7 @@ def test_encoder_sequence_classification_is_exact(arch):
     def loss(m, b):
         return F.cross_entropy(m(input_ids=b[0], attention_mask=b[1]).logits, b[2], reduction="none")
 
-    _assert_exact(model, b, loss)
+    assert_exact(model, b, loss)
 
 
 def _deberta_v2(B, v3, T=6):
@@ -287,7 +269,7 @@ def test_deberta_v2_relative_attention_is_exact(B, v3):
     and repeat the projections to the batch (``repeat(B, 1, 1)``): each example's copy is
     its own derived value, exact (torch's shape error before)."""
     model, b = _deberta_v2(B, v3)
-    _assert_exact(model, b, _classifier_loss)
+    assert_exact(model, b, _classifier_loss)
 
 
 def test_vit_cls_token_is_exact():
@@ -301,7 +283,7 @@ def test_vit_cls_token_is_exact():
     g = torch.Generator().manual_seed(1)
     b = (torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64),
          torch.randint(0, 3, (3,), generator=g))
-    _assert_exact(model, b, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1],
+    assert_exact(model, b, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1],
                                                          reduction="none"))
 
 
@@ -325,3 +307,15 @@ def test_t5_with_gradient_checkpointing(reentrant):
     assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
     for n, p in model.named_parameters():
         assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+@pytest.mark.parametrize("B", [2, 3])
+def test_mamba_depthwise_conv_is_exact(B):
+    """Mamba's reference path convolves with conv1d.weight.squeeze(1).unsqueeze(1): a value
+    derived from the parameter whose dim 0 (channels) is a multiple of the batch at B = 2.
+    It holds no examples (refused as an ungrown batch input before)."""
+    cfg = transformers.MambaConfig(vocab_size=V, hidden_size=16, state_size=4, expand=2,
+                                   num_hidden_layers=2, conv_kernel=3, time_step_rank=4)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).double().train()
+    assert_exact(model, batch(B=B, T=6), lm_loss)

@@ -264,7 +264,10 @@ class Capture:
         if not self.state.ungrown:
             return None
         for x, key in self._input_keys(func, leaves):
-            if key in self.state.ungrown and id(x) not in tables and self.is_batched(x):
+            # a value derived from the parameters (Mamba's conv weight.unsqueeze(1)) holds no
+            # examples, whatever its rows: the probe, run without gradients, saw it as data
+            if key in self.state.ungrown and id(x) not in tables and self.is_batched(x) and (
+                    self.lookup(x) is None):
                 return UNGROWN.format(where=key[0], name=key[1],
                                       detail="does not grow with the batch (a gradient reached it)")
         return None

@@ -114,6 +114,8 @@ class DPOptimizer(Optimizer):
         self._skip_next_step = False
         self._batch_serial = 0          # logical batches handed out by the private loader
         self._batches_used: set = set()  # of those, the ones a forward ran on since the last step
+        self._stepped_serial = 0        # the batch the last noised step was taken on
+        self._forward_on_stepped = False  # a forward with gradients ran on that batch since
         self._is_last_step_skipped = False
 
     # ---- the wrapped optimizer's attributes --------------------------------
@@ -178,10 +180,17 @@ class DPOptimizer(Optimizer):
     def note_sampled_batch(self) -> None:
         """The private loader handed out a new logical (sampled) batch."""
         self._batch_serial += 1
+        self._forward_on_stepped = False
 
     def note_forward(self) -> None:
-        """The private model ran a forward (with gradients) on the current logical batch."""
-        self._batches_used.add(self._batch_serial)
+        """The private model ran a forward (with gradients) on the current logical batch.
+
+        A forward on the batch already stepped on (an evaluation loop without no_grad) is
+        not a new batch; only a second step on it would be (pre_step refuses that)."""
+        if self._batch_serial and self._batch_serial == self._stepped_serial:
+            self._forward_on_stepped = True
+        else:
+            self._batches_used.add(self._batch_serial)
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only keep accumulating (micro-batch boundary)."""
@@ -260,6 +269,13 @@ class DPOptimizer(Optimizer):
             self._is_last_step_skipped = True
             return False
         n, self._batches_used = len(self._batches_used), set()
+        reused, self._forward_on_stepped = self._forward_on_stepped and n == 0, False
+        if reused:
+            raise RuntimeError(
+                "optimizer.step() again on the sampled batch the last step was taken on: the "
+                "accountant charges one Poisson-sampled batch per step, and a second step on "
+                "the same batch releases more than that. Take the next batch from the private "
+                "loader before the next step.")
         if n > 1:
             raise RuntimeError(
                 f"optimizer.step() after {n} sampled batches: each batch the private loader "
@@ -273,6 +289,7 @@ class DPOptimizer(Optimizer):
         if self.step_hook is not None:
             self.step_hook(self)
         self.steps_taken += 1
+        self._stepped_serial = self._batch_serial
         self._is_last_step_skipped = False
         return True
 

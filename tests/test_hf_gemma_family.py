@@ -1,0 +1,114 @@
+"""The Gemma family as users bring it from transformers (tiny configs, nothing downloaded):
+Gemma 4 and Gemma 3n text decoders with their per-layer inputs, shared KV layers and
+logit soft-capping, Gemma 3's multimodal class used for text, and T5Gemma 2. Exact against
+the float64 per-example oracle, or refused naming the module."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vaultkern as vk
+from hf_zoo import V, assert_exact, batch, lm_loss
+from oracle import clip_and_sum, per_example_grads, rel_err
+from test_hf_zoo import check_exact
+
+transformers = pytest.importorskip("transformers")
+
+_TEXT = dict(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=4, sliding_window=4,
+             max_position_embeddings=32, pad_token_id=0)
+
+
+def _gemma4(attn="eager", **extra):
+    kw = dict(_TEXT, vocab_size_per_layer_input=V, hidden_size_per_layer_input=4,
+              final_logit_softcapping=30.0)
+    kw.update(extra)
+    cfg = transformers.Gemma4TextConfig(**kw)
+    cfg._attn_implementation = attn
+    cfg._experts_implementation = "eager"  # the reference loop over experts (any dtype)
+    torch.manual_seed(0)
+    return transformers.Gemma4ForCausalLM(cfg).double().train()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma4_text_is_exact(attn):
+    """Per-layer input embeddings, sliding and full attention, soft-capped logits."""
+    check_exact(_gemma4(attn), batch(B=3, T=6))
+
+
+def test_gemma4_shared_kv_layers_and_wide_mlp_is_exact():
+    model = _gemma4(num_hidden_layers=3, num_kv_shared_layers=1, attention_k_eq_v=True,
+                    layer_types=["full_attention", "sliding_attention", "full_attention"],
+                    use_double_wide_mlp=True)
+    check_exact(model, batch(B=2, T=6))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gemma4_with_gradient_checkpointing_is_exact(reentrant):
+    model = _gemma4()
+    b = batch(B=3, T=6)
+    grads = per_example_grads(model, b, lm_loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    vk.patch(model, max_grad_norm=C)
+    lm_loss(model, b).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) <= 1e-6, n
+
+
+def test_gemma4_mixture_of_experts_is_refused_naming_the_module():
+    model = _gemma4(enable_moe_block=True, num_experts=4, top_k_experts=2,
+                    moe_intermediate_size=8)
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"layers\.0\.experts"):
+        lm_loss(model, batch(B=3, T=6)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gemma3n_text_is_exact():
+    """AltUp, LAuReL, per-layer inputs, KV sharing and activation sparsity (a Gaussian top-k
+    of each example's own activations)."""
+    cfg = transformers.Gemma3nTextConfig(
+        **dict(_TEXT, num_hidden_layers=3), vocab_size_per_layer_input=V,
+        hidden_size_per_layer_input=4, altup_num_inputs=2, laurel_rank=2,
+        num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0])
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    check_exact(transformers.Gemma3nForCausalLM(cfg).double().train(), batch(B=3, T=6))
+
+
+def test_gemma3_multimodal_model_trained_on_text_is_exact():
+    """Gemma3ForConditionalGeneration called with text only: the vision tower and projector
+    get no gradient (p.grad stays None, as without vaultkern; the optimizer noises them)."""
+    cfg = transformers.Gemma3Config(
+        text_config=_TEXT, mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).double().train()
+    assert_exact(model, batch(B=3, T=6), lm_loss)
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_t5gemma2_encoder_decoder_is_exact():
+    """Unpadded: transformers' T5Gemma 2 itself returns NaN logits for a padded row in
+    float64 eager attention (before any patch), so padding is not part of this check."""
+    enc = transformers.T5Gemma2EncoderConfig(
+        text_config=_TEXT, mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4))
+    cfg = transformers.T5Gemma2Config(encoder=enc, decoder=transformers.T5Gemma2DecoderConfig(**_TEXT))
+    for c in (cfg, cfg.encoder, cfg.encoder.text_config, cfg.decoder):
+        c._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.T5Gemma2ForConditionalGeneration(cfg).double().train()
+    g = torch.Generator().manual_seed(1)
+    b = (torch.randint(3, V, (3, 6), generator=g), torch.randint(3, V, (3, 5), generator=g))
+
+    def loss(m, b):
+        logits = m(input_ids=b[0], decoder_input_ids=b[1]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), b[1][:, 1:],
+                               reduction="none").sum(1)
+    assert_exact(model, b, loss)
