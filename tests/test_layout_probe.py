@@ -120,6 +120,26 @@ def test_torch_recurrent_layers_are_refused_with_what_to_use():
         vk.patch(model)
 
 
+class _PackedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from opacus.layers import DPLSTM
+        self.lstm = DPLSTM(D, 4, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.lstm(packed)[1][0][-1]  # each example's last hidden state
+
+
+def test_dp_lstm_on_a_packed_sequence_is_refused_naming_it():
+    model = _PackedLSTM()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"'lstm' \(DPLSTM\) was given a PackedSeq"):
+        model(torch.randn(3, 5, D), torch.tensor([5, 3, 2])).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 class _Nested(nn.Module):
     """Called as Opacus programs with dict datasets call it: the examples sit inside a dict
     (or a list), after a 0-dim temperature."""

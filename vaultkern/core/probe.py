@@ -44,6 +44,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -76,6 +77,14 @@ class _Probe:
         self.new_readers = {}
 
     def pre(self, module, args):
+        if any(isinstance(a, PackedSequence) for a in args) and any(
+                p.requires_grad for p in module.parameters()):
+            raise BatchLayoutError(
+                f"vaultkern: module '{self.paths.get(id(module)) or '<root>'}' "
+                f"({type(module).__name__}) was given a PackedSequence: its rows are the time "
+                "steps of all examples interleaved (time-major, fewer rows as sequences end), "
+                "not examples, so per-example clipping is refused. Pass the padded [B, T, d] "
+                "tensor (batch_first=True) and take each example's output at its own length.")
         self.stack.append(module)
 
     def post(self, module, args, output):
