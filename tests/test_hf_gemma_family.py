@@ -112,3 +112,17 @@ def test_t5gemma2_encoder_decoder_is_exact():
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), b[1][:, 1:],
                                reduction="none").sum(1)
     assert_exact(model, b, loss)
+
+
+@pytest.mark.parametrize("B", [2, 3])
+def test_recurrent_gemma_is_exact(B):
+    """Griffin blocks: the RG-LRU gates are one baddbmm over heads, [H, B·T, w] with the
+    examples' rows in dim 1 (B = 2 = H included); a causal conv1d; local attention."""
+    cfg = transformers.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, lru_width=16, attention_window_size=4,
+        conv1d_width=3, block_types=["recurrent", "recurrent", "attention"], pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(cfg).double().train()
+    assert_exact(model, batch(B=B, T=6), lm_loss)

@@ -321,3 +321,85 @@ def test_one_layer_reading_a_table_and_the_data_is_refused():
     with pytest.raises(vk.BatchLayoutError, match=r"'proj'.*does not grow with the batch"):
         model(x, features).square().sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _PerHeadGates(nn.Module):
+    """RecurrentGemma's RG-LRU gate layout: [B, T, H·w] rows to [H, B·T, w], one matmul per
+    head with a [H, w, w] weight (bmm or baddbmm, function or method); ``mixed`` reshapes
+    without the permute, so a head's rows come from several examples. (Elementwise calls in
+    the [H, B·T, w] layout have no rule: bmm's bias is added back in the examples' layout.)"""
+    def __init__(self, H, w=3, call="baddbmm", mixed=False):
+        super().__init__()
+        self.H, self.w, self.call, self.mixed = H, w, call, mixed
+        self.weight = nn.Parameter(torch.randn(H, w, w, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(H, w, dtype=torch.float64))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        if self.mixed:
+            h = x.reshape(self.H, B * T, self.w)
+        else:
+            h = x.reshape(B * T, self.H, self.w).permute(1, 0, 2)
+        if self.call == "baddbmm":
+            out = torch.baddbmm(self.bias[:, None, :], h, self.weight)
+        elif self.call == "Tensor.baddbmm":
+            out = self.bias[:, None, :].baddbmm(h, self.weight)
+        else:
+            out = torch.bmm(h, self.weight) if self.call == "bmm" else h.bmm(self.weight)
+        out = out.reshape(B, T, -1) if self.mixed else out.transpose(0, 1).reshape(B, T, -1)
+        if not self.call.endswith("baddbmm"):  # the bias added in the examples' layout
+            out = out + self.bias.reshape(-1)
+        return torch.tanh(out)
+
+
+@pytest.mark.parametrize("call", ["baddbmm", "Tensor.baddbmm", "bmm", "Tensor.bmm"])
+@pytest.mark.parametrize("B,H", [(2, 2), (3, 2), (2, 4)])
+def test_per_head_matmul_with_rows_in_dim_1_is_exact(call, B, H):
+    """The matmul's batch dim is the weight's head dim (H == B included): rows in dim 1."""
+    torch.manual_seed(B * H)
+    _check_exact(_PerHeadGates(H, call=call), torch.randn(B, 4, H * 3, dtype=torch.float64))
+
+
+def test_per_head_matmul_with_examples_mixed_across_heads_is_refused():
+    model = _PerHeadGates(2, mixed=True)
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match="'<root>'.*baddbmm"):
+        _sum_loss(model, (torch.randn(3, 4, 6, dtype=torch.float64),)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _TimeMajorScale(nn.Module):
+    """Gemma's norm scale h * (1 + w) in a [T, B, d] layout: the call reads a value computed
+    from the parameter, never the parameter itself."""
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x.transpose(0, 1) * (1 + self.weight)).tanh().transpose(0, 1)
+
+
+def test_a_layout_met_only_through_a_value_derived_from_a_parameter_is_checked():
+    """T == B: only the example check can tell (per-example norms were 60 % off before)."""
+    model = _TimeMajorScale()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match="'<root>'.*rows of mul"):
+        _sum_loss(model, (torch.randn(3, 3, D, dtype=torch.float64),)).sum().backward()
+    assert model.weight.grad is None
+
+
+class _HeadsFirstBias(_PerHeadGates):
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = x.reshape(B * T, self.H, self.w).permute(1, 0, 2)
+        out = torch.bmm(h, self.weight) + self.bias[:, None, :]  # add in the [H, B·T, w] layout
+        return out.transpose(0, 1).reshape(B, T, -1)
+
+
+@pytest.mark.parametrize("B,H", [(2, 2), (3, 2)])
+def test_elementwise_calls_in_a_heads_first_layout_are_refused(B, H):
+    model = _HeadsFirstBias(H)
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match="'<root>'.* of add"):
+        _sum_loss(model, (torch.randn(B, 4, H * 3, dtype=torch.float64),)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

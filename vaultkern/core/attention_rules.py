@@ -69,6 +69,11 @@ def multi_head_attention(cap, func, args, kwargs):
     return attn.transpose(0, 1), weights
 
 
+def example_major_inputs(cap, func, args, kwargs, leaves):
+    """The layout check compares query, key and value by dim 1, where their examples are."""
+    return [x.transpose(0, 1) for x in args[:3] if isinstance(x, torch.Tensor) and x.dim() == 3]
+
+
 def _mha_batch_first(**a):
     for n in ("query", "key", "value"):
         a[n] = a[n].transpose(0, 1)

@@ -214,7 +214,9 @@ class Capture:
             return args[0].copy_(out)
         handler = handlers.HANDLERS.get(func)
         if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)
-            return handler(self, func, args, kwargs)
+            out = handler(self, func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         leaves, spec = tree_flatten((args, kwargs))
         entries = [self.lookup(x) for x in leaves]
         tables = self.shared_table_inputs(func, leaves)

@@ -357,7 +357,7 @@ def _instance_norm(cap, func, args, kwargs):
     return generic_consumption(cap, func, leaves, [cap.lookup(x) for x in leaves], spec)
 
 
-from vaultkern.core import attention_rules, embedding_rules  # noqa: E402 - use the helpers above
+from vaultkern.core import attention_rules, embedding_rules, head_matmul_rules  # noqa: E402
 
 HANDLERS = {
     F.linear: _f_linear,
@@ -370,7 +370,13 @@ HANDLERS = {
     F.scaled_dot_product_attention: attention_rules.scaled_dot_product_attention,
     F.instance_norm: _instance_norm,
 }
-OWN_BATCH_DIMS = {F.multi_head_attention_forward}
+for _f in head_matmul_rules.FUNCS:
+    HANDLERS[_f] = head_matmul_rules.head_matmul
+OWN_BATCH_DIMS = {F.multi_head_attention_forward, *head_matmul_rules.FUNCS}
+# how the layout check sees the inputs of a call whose examples are not in dim 0
+EXAMPLE_MAJOR_INPUTS = {F.multi_head_attention_forward: attention_rules.example_major_inputs,
+                        **{f: head_matmul_rules.example_major_inputs
+                           for f in head_matmul_rules.FUNCS}}
 # ids without a batch dim (positions) are one row for all; bags are checked by their rule
 SHARED_INPUTS = {F.embedding, F.embedding_bag}
 for _f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.add,

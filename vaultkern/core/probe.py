@@ -11,9 +11,11 @@ state (dropout draws the same masks), with the buffers restored afterwards:
    example whose rows reach an example of the other parity is caught, not
    only the first and the last).
 
-At every call that consumes a trainable parameter, the rows of each data input
-are summarised (row sums in float64; F.multi_head_attention_forward's inputs by
-their dim 1, where its examples are). Rows that belong to an unchanged example
+At every call that consumes a trainable parameter, or a value computed from
+trainable parameters and constants alone (Gemma's ``1 + weight``), the rows of
+each data input are summarised (row sums in float64; the inputs of
+F.multi_head_attention_forward and of a per-head bmm/baddbmm by their dim 1,
+where their examples are). Rows that belong to an unchanged example
 (blocks of k rows for k·B rows, example-major) must be identical across runs,
 a row shared by all examples must not change at all, and the same calls must
 happen (a router that sends tokens elsewhere is refused). Otherwise rows are not
@@ -48,6 +50,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from vaultkern.core import handlers
 from vaultkern.core.capture import DETACHING, UNGROWN, ungrown_key
 from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
@@ -63,7 +66,9 @@ class _Observe(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.probe.see(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.probe.note_derived(func, args, kwargs, out)
+        return out
 
 
 class _Probe:
@@ -74,6 +79,7 @@ class _Probe:
         self.readers = {id(m) for p, m in model.named_modules() if (p or "<root>") in state.sites}
         self.stack: List[nn.Module] = []
         self.records: List[tuple] = []  # (where, call, row digests, input sizes, site)
+        self.derived: dict = {}  # id -> values computed from trainable parameters alone
         self.new_readers = {}
 
     def pre(self, module, args):
@@ -91,6 +97,28 @@ class _Probe:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
+    def reads_parameter(self, x) -> bool:
+        """A trainable parameter, or a value computed from them (and constants) alone."""
+        return id(x) in self.capture.params or self.derived.get(id(x)) is x
+
+    def note_derived(self, func, args, kwargs, out) -> None:
+        """Outputs of a call on trainable parameters and constants only (buffers, frozen
+        parameters, scalars) are derived values, which the capture tracks like the parameters:
+        the calls that read them are checked like theirs. (Not by the shapes of the other
+        inputs, as the capture decides, so that the same calls are checked at every batch
+        size.)"""
+        if func in DETACHING:
+            return
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        from_params = [self.reads_parameter(x) for x in tensors]
+        if not any(from_params) or not all(
+                p or x.dim() == 0 or isinstance(x, nn.Parameter) or id(x) in self.capture.buffers
+                for x, p in zip(tensors, from_params)):
+            return
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                self.derived[id(o)] = o
+
     def see(self, func, args, kwargs):
         if func in DETACHING:  # reads no values (FSDP's own bookkeeping does these too)
             return
@@ -105,10 +133,11 @@ class _Probe:
         cap = self.capture
         leaves, _ = tree_flatten((args, kwargs))
         params = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in cap.params]
-        if not params:
+        if not params and not any(isinstance(x, torch.Tensor) and self.derived.get(id(x)) is x
+                                  for x in leaves):
             return
         inside = [m for m in self.stack if id(m) in self.modules]
-        if not any(id(m) in self.readers for m in inside):
+        if params and not any(id(m) in self.readers for m in inside):
             m = inside[-1] if inside else None
             if m is not None:
                 self.new_readers[id(m)] = m
@@ -116,10 +145,10 @@ class _Probe:
         where = self.paths.get(id(inside[-1]), "<root>") if inside else "<root>"
         # the site the capture will attribute this call to: the innermost reader
         site = next((self.paths[id(m)] for m in reversed(inside) if id(m) in self.readers), "")
-        if func is F.multi_head_attention_forward:  # [T, B, E]: examples in dim 1
-            inputs = [x.transpose(0, 1) for x in args[:3]
-                      if isinstance(x, torch.Tensor) and x.dim() == 3]
-        else:
+        # [T, B, E] attention, per-head matmuls [H, N, d]: their examples are in dim 1
+        example_major = handlers.EXAMPLE_MAJOR_INPUTS.get(func)
+        inputs = None if example_major is None else example_major(cap, func, args, kwargs, leaves)
+        if inputs is None:
             inputs = cap.call_inputs(leaves)
         batched = [cap.is_batched(x) for x in inputs]
         name = getattr(func, "__name__", repr(func))
@@ -179,7 +208,7 @@ def _grown(args, kwargs, batch: int) -> Tuple[tuple, dict]:
 
 
 def _run(probe: _Probe, model: nn.Module, args, kwargs):
-    probe.records = []
+    probe.records, probe.derived = [], {}
     devices = sorted({b.device.index or 0 for b in model.parameters() if b.is_cuda})
     pre = nn.modules.module.register_module_forward_pre_hook(probe.pre)
     post = nn.modules.module.register_module_forward_hook(probe.post, always_call=True)
