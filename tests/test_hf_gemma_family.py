@@ -92,6 +92,33 @@ def test_gemma3_multimodal_model_trained_on_text_is_exact():
     assert all(p.grad is None for p in model.model.vision_tower.parameters())
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3_with_images_is_exact(attn):
+    """Image and text in one sequence: SigLIP patches, the projector, the image tokens'
+    bidirectional attention (Gemma 3's own vision configuration: no pooling head)."""
+    image = V - 1
+    cfg = transformers.Gemma3Config(
+        text_config=_TEXT, mm_tokens_per_image=4, image_token_index=image,
+        boi_token_index=V - 2, eoi_token_index=V - 3,
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4,
+                           vision_use_head=False))
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).double().train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V - 3, (3, 8), generator=g)
+    ids[:, 1:5] = image
+    pixels = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def loss(m, b):
+        ids, pixels = b
+        logits = m(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == image).long()).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                               reduction="none").sum(1)
+    assert_exact(model, (ids, pixels), loss)
+
+
 def test_t5gemma2_encoder_decoder_is_exact():
     """Unpadded: transformers' T5Gemma 2 itself returns NaN logits for a padded row in
     float64 eager attention (before any patch), so padding is not part of this check."""

@@ -403,3 +403,28 @@ def test_elementwise_calls_in_a_heads_first_layout_are_refused(B, H):
     with pytest.raises(vk.BatchLayoutError, match="'<root>'.* of add"):
         _sum_loss(model, (torch.randn(B, 4, H * 3, dtype=torch.float64),)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _LearnedQueryPooling(nn.Module):
+    """Attention pooling with a learned query repeated to the batch (SigLIP's head, DETR)."""
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.query = nn.Parameter(torch.randn(1, 1, D))
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        if self.batch_first:
+            return self.attn(self.query.repeat(x.shape[0], 1, 1), x, x)[0].sum((1, 2))
+        x = x.transpose(0, 1)
+        return self.attn(self.query.repeat(1, x.shape[1], 1), x, x)[0].sum((0, 2))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_learned_query_repeated_to_the_batch_for_attention_is_refused(batch_first):
+    model = _LearnedQueryPooling(batch_first)
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"'attn' \(MultiheadAttention\).*"
+                       r"(learned query|copies of a parameter)"):
+        model(torch.randn(3, 5, D)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from vaultkern.backend import acc_dtype
+from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.handlers import (_bind, _captured, _sum_to_shape, generic_consumption,
                                      pull_back)
 
@@ -54,6 +55,14 @@ def multi_head_attention(cap, func, args, kwargs):
     a = _bind(func, args, kwargs)
     if a["query"].dim() != 3:
         return NotImplemented
+    for n in ("query", "key", "value"):
+        if cap.lookup(a[n]) is not None:
+            raise BatchLayoutError(
+                f"vaultkern: the {n} of multi_head_attention_forward in {cap.site().describe()} "
+                "is computed from trainable parameters alone (a learned query repeated to the "
+                "batch, as in attention pooling or DETR's object queries): its examples' copies "
+                "lie in dim 1, which vaultkern does not track yet, so per-example clipping is "
+                "refused.")
     leaves, spec = tree_flatten(((), a))
     names = _leaf_names(a)
     entries = [cap.lookup(x) for x in leaves]

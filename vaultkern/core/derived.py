@@ -144,8 +144,10 @@ def _rows_per_example(cap, func, leaves, used, out, recompute, roots) -> Optiona
                 return rows
         raise BatchLayoutError(
             f"vaultkern: {name} in {cap.site().describe()} mixes the copies of a parameter "
-            f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "
-            "per-example gradients cannot be formed. Combine it with the data first.")
+            f"repeated to the {B} examples across examples (e.g. a sum over dim 0) or moves "
+            "them out of dim 0 (nn.MultiheadAttention(batch_first=True) transposes a learned "
+            "query repeated to the batch: not supported yet); per-example gradients cannot be "
+            "formed. Combine it with the data first.")
     if func not in _REPEATS or not B or out.dim() == 0:
         return None
     source = next(x for x in leaves if isinstance(x, torch.Tensor))
