@@ -319,3 +319,18 @@ def test_mamba_depthwise_conv_is_exact(B):
     torch.manual_seed(0)
     model = transformers.MambaForCausalLM(cfg).double().train()
     assert_exact(model, batch(B=B, T=6), lm_loss)
+
+
+def test_siglip_attention_pooling_head_is_exact():
+    """SigLIP's head: a learned probe repeated to the batch, the query of a batch-first
+    nn.MultiheadAttention (which moves its copies to dim 1)."""
+    cfg = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=24,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=8, patch_size=4, vision_use_head=True)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.SiglipVisionModel(cfg).double().train()
+    g = torch.Generator().manual_seed(1)
+    b = (torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64),
+         torch.randn(3, 16, generator=g, dtype=torch.float64))
+    assert_exact(model, b, lambda m, b: ((m(pixel_values=b[0]).pooler_output - b[1]) ** 2).sum(1))

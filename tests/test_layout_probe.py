@@ -406,25 +406,45 @@ def test_elementwise_calls_in_a_heads_first_layout_are_refused(B, H):
 
 
 class _LearnedQueryPooling(nn.Module):
-    """Attention pooling with a learned query repeated to the batch (SigLIP's head, DETR)."""
-    def __init__(self, batch_first):
+    """Attention pooling with k learned queries repeated to the batch (SigLIP's head, DETR's
+    object queries), batch-first or sequence-first."""
+    def __init__(self, batch_first, k):
         super().__init__()
         self.batch_first = batch_first
-        self.query = nn.Parameter(torch.randn(1, 1, D))
-        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first)
+        self.query = nn.Parameter(torch.randn(1, k, D, dtype=torch.float64))
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first, dtype=torch.float64)
 
     def forward(self, x):
         if self.batch_first:
-            return self.attn(self.query.repeat(x.shape[0], 1, 1), x, x)[0].sum((1, 2))
+            return self.attn(self.query.repeat(x.shape[0], 1, 1), x, x)[0]
         x = x.transpose(0, 1)
-        return self.attn(self.query.repeat(1, x.shape[1], 1), x, x)[0].sum((0, 2))
+        return self.attn(self.query.transpose(0, 1).repeat(1, x.shape[1], 1), x, x)[0].transpose(0, 1)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_a_learned_query_repeated_to_the_batch_for_attention_is_refused(batch_first):
-    model = _LearnedQueryPooling(batch_first)
+@pytest.mark.parametrize("B,k", [(3, 1), (2, 2), (3, 4)])
+def test_a_learned_query_repeated_to_the_batch_for_attention_is_exact(batch_first, B, k):
+    """The query's copies reach the attention in dim 1 (nn.MultiheadAttention transposes a
+    batch-first query): example i's gradient flows through its own column only."""
+    torch.manual_seed(B + k)
+    _check_exact(_LearnedQueryPooling(batch_first, k), torch.randn(B, 5, D, dtype=torch.float64))
+
+
+class _MovedCopiesReadElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 2, D, dtype=torch.float64))
+
+    def forward(self, x):
+        moved = self.query.repeat(x.shape[0], 1, 1).transpose(0, 1)  # [2, B, D]
+        return moved.transpose(0, 1) * x
+
+
+def test_copies_moved_to_dim_1_are_refused_outside_attention():
+    """Only attention is known to read column i for example i; anything else is refused
+    (treated as one value shared by the batch, example i's gradient would reach every copy)."""
+    model = _MovedCopiesReadElsewhere()
     vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match=r"'attn' \(MultiheadAttention\).*"
-                       r"(learned query|copies of a parameter)"):
-        model(torch.randn(3, 5, D)).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(vk.BatchLayoutError, match="moved to dim 1"):
+        _sum_loss(model, (torch.randn(3, 2, D, dtype=torch.float64),)).sum().backward()
+    assert model.query.grad is None

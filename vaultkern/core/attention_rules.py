@@ -56,13 +56,9 @@ def multi_head_attention(cap, func, args, kwargs):
     if a["query"].dim() != 3:
         return NotImplemented
     for n in ("query", "key", "value"):
-        if cap.lookup(a[n]) is not None:
-            raise BatchLayoutError(
-                f"vaultkern: the {n} of multi_head_attention_forward in {cap.site().describe()} "
-                "is computed from trainable parameters alone (a learned query repeated to the "
-                "batch, as in attention pooling or DETR's object queries): its examples' copies "
-                "lie in dim 1, which vaultkern does not track yet, so per-example clipping is "
-                "refused.")
+        entry = cap.lookup(a[n])
+        if entry is not None:
+            a[n] = _learned_input(cap, entry, n)
     leaves, spec = tree_flatten(((), a))
     names = _leaf_names(a)
     entries = [cap.lookup(x) for x in leaves]
@@ -81,6 +77,27 @@ def multi_head_attention(cap, func, args, kwargs):
 def example_major_inputs(cap, func, args, kwargs, leaves):
     """The layout check compares query, key and value by dim 1, where their examples are."""
     return [x.transpose(0, 1) for x in args[:3] if isinstance(x, torch.Tensor) and x.dim() == 3]
+
+
+def _learned_input(cap, entry, name: str) -> torch.Tensor:
+    """A query (key, value) computed from parameters alone, [k, B, E] (a learned query
+    repeated to the batch: attention pooling, DETR's object queries), goes in as data behind
+    a capture node: example i reads its column i only, so its gradient there, pulled back
+    through the value's recomputation, is example i's gradient of the parameters."""
+    B, shape = cap.batch, tuple(entry.value.shape)
+    if entry.rows is not None or len(shape) != 3 or shape[1] != B:
+        raise BatchLayoutError(
+            f"vaultkern: the {name} of multi_head_attention_forward in {cap.site().describe()} "
+            f"is computed from trainable parameters alone with shape {shape}, not [T, {B}, E] "
+            "(one column per example); per-example gradients cannot be attributed.")
+    examples = torch.arange(B)
+
+    def learned_attention_input(saved, g):
+        per_example = g.new_zeros((B,) + shape)
+        per_example[examples, :, examples] = g.transpose(0, 1)
+        return pull_back(entry, per_example)
+
+    return _captured(cap, entry.value.detach(), [], list(entry.roots), learned_attention_input)
 
 
 def _mha_batch_first(**a):

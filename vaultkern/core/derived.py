@@ -30,16 +30,19 @@ class Tracked:
     rows: None for a value every example shares whole; k when the value holds one copy per
         example (k rows each, example-major: a parameter repeated to the batch), and then
         ``recompute`` rebuilds one example's k rows.
+    in_dim_1: the copies of such a value moved to dim 1 (``[k, B, d]``, tracked whole):
+        only attention (which reads column i for example i) may consume it.
     """
 
-    __slots__ = ("value", "handle", "roots", "recompute", "alias", "rows")
+    __slots__ = ("value", "handle", "roots", "recompute", "alias", "rows", "in_dim_1")
 
     def __init__(self, value: torch.Tensor, roots: Tuple[torch.Tensor, ...],
                  recompute: Callable[..., torch.Tensor],
                  alias: Optional[Tuple[torch.Tensor, bool]] = None,
-                 handle: Optional[torch.Tensor] = None, rows: Optional[int] = None):
+                 handle: Optional[torch.Tensor] = None, rows: Optional[int] = None,
+                 in_dim_1: bool = False):
         self.value, self.roots, self.recompute, self.alias = value, roots, recompute, alias
-        self.rows = rows
+        self.rows, self.in_dim_1 = rows, in_dim_1
         self.handle = value if handle is None else handle  # the tensor user code holds
 
 
@@ -104,8 +107,8 @@ def derive(cap, func, leaves, entries, spec):
                 func in _TRANSPOSES or func in (torch.Tensor.transpose, torch.transpose)):
             alias = (root, not transposed)
 
-    def recompute(*root_values, _entries=entries, _leaves=leaves, _spec=spec, _func=func,
-                  _roots=roots):
+    def replay(*root_values, _entries=entries, _leaves=leaves, _spec=spec, _func=func,
+               _roots=roots):
         by_id = dict(zip(map(id, _roots), root_values))
         vals = []
         for x, e in zip(_leaves, _entries):
@@ -116,7 +119,16 @@ def derive(cap, func, leaves, entries, spec):
         a2, k2 = tree_unflatten(vals, _spec)
         return _func(*a2, **k2)
 
-    rows = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
+    in_dim_1 = _copies_to_dim_1(func, leaves, used, out)
+    if in_dim_1:
+        # nn.MultiheadAttention(batch_first=True) transposing a learned query repeated to the
+        # batch: the copies move to dim 1 and the value is tracked whole, [k, B, d] (its
+        # attention rule hands example i its column i; capture refuses any other reader)
+        rows, recompute = None, _transposed_copies(used[0], cap.batch)
+        cap.copies_in_dim_1 = True
+    else:
+        recompute = replay
+        rows = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
     if rows is not None and not any(e.rows is not None for e in used):
         whole = recompute  # the call that repeats the value to the batch: one example's rows
 
@@ -126,8 +138,25 @@ def derive(cap, func, leaves, entries, spec):
     names = [cap.param_name(r) for r in roots]
     guarded = _DerivedGuard.apply(out, names, *roots)
     cap.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded,
-                                        rows=rows)
+                                        rows=rows, in_dim_1=in_dim_1)
     return guarded
+
+
+def _copies_to_dim_1(func, leaves, used, out) -> bool:
+    """Is this ``x.transpose(0, 1)`` of a value holding one copy per example in dim 0?"""
+    if func not in (torch.transpose, torch.Tensor.transpose) or len(used) != 1 or (
+            used[0].rows is None or out.dim() < 2):
+        return False
+    dims = [x for x in leaves if isinstance(x, int) and not isinstance(x, bool)]
+    return sorted(d % out.dim() for d in dims) == [0, 1]
+
+
+def _transposed_copies(entry: Tracked, batch: int) -> Callable[..., torch.Tensor]:
+    """Recomputes ``entry`` (one example's copy) for all examples, transposed to dim 1."""
+    def recompute(*root_values):
+        one = entry.recompute(*root_values)
+        return one.repeat(batch, *[1] * (one.dim() - 1)).transpose(0, 1)
+    return recompute
 
 
 def _rows_per_example(cap, func, leaves, used, out, recompute, roots) -> Optional[int]:
@@ -144,10 +173,8 @@ def _rows_per_example(cap, func, leaves, used, out, recompute, roots) -> Optiona
                 return rows
         raise BatchLayoutError(
             f"vaultkern: {name} in {cap.site().describe()} mixes the copies of a parameter "
-            f"repeated to the {B} examples across examples (e.g. a sum over dim 0) or moves "
-            "them out of dim 0 (nn.MultiheadAttention(batch_first=True) transposes a learned "
-            "query repeated to the batch: not supported yet); per-example gradients cannot be "
-            "formed. Combine it with the data first.")
+            f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "
+            "per-example gradients cannot be formed. Combine it with the data first.")
     if func not in _REPEATS or not B or out.dim() == 0:
         return None
     source = next(x for x in leaves if isinstance(x, torch.Tensor))
