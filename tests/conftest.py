@@ -25,3 +25,21 @@ def C():
         pytest.fail(f"vaultkern._C is not built ({exc}); build it with "
                     "`pip install --no-build-isolation -e .`", pytrace=False)
     return _C
+
+
+@pytest.fixture
+def one_thread():
+    """2 shared cores: one intra-op thread is several times faster than two for the tiny
+    training runs (their modules: pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def config(tmp_path):
+    from train_setup import TINY32  # imports vaultkern: after TRITON_INTERPRET is set
+    path = tmp_path / "tiny32.toml"
+    path.write_text(TINY32)  # the tiny decoder at seq_len 32, for the training-run tests
+    return str(path)

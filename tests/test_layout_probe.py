@@ -10,14 +10,14 @@ from oracle import oracle, rel_err
 D = 6
 
 
-def _sum_loss(model, b):
+def sum_loss(model, b):
     return model(b[0]).flatten(1).sum(1)
 
 
-def _check_exact(model, x, C=0.5):
-    want, want_norms = oracle(model, (x,), _sum_loss, C)
+def assert_sum_loss_exact(model, x, C=0.5):
+    want, want_norms = oracle(model, (x,), sum_loss, C)
     vk.patch(model, max_grad_norm=C)
-    _sum_loss(model, (x,)).sum().backward()
+    sum_loss(model, (x,)).sum().backward()
     assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
     for n, p in model.named_parameters():
         assert rel_err(p.grad, want[n]) <= 1e-6, n
@@ -39,7 +39,7 @@ def test_batch_norm_in_training_mode_is_refused_even_without_parameters():
     model = _BatchNormThenTanh().double()
     vk.patch(model)
     with pytest.raises(vk.BatchLayoutError, match=r"'bn' runs batch norm in training mode"):
-        _sum_loss(model, (torch.randn(4, D, dtype=torch.float64),)).sum().backward()
+        sum_loss(model, (torch.randn(4, D, dtype=torch.float64),)).sum().backward()
     assert model.lin.weight.grad is None
 
 
@@ -47,7 +47,7 @@ def test_batch_norm_in_eval_mode_is_exact():
     torch.manual_seed(0)
     model = _BatchNormThenTanh().double()
     model.bn.eval()
-    _check_exact(model, torch.randn(4, D, dtype=torch.float64))
+    assert_sum_loss_exact(model, torch.randn(4, D, dtype=torch.float64))
 
 
 class _MiddleRowToAll(nn.Module):
@@ -67,7 +67,7 @@ def test_a_middle_example_broadcast_to_all_is_refused(B):
     model = _MiddleRowToAll().double()
     vk.patch(model)
     with pytest.raises(vk.BatchLayoutError, match=r"module 'b'"):
-        _sum_loss(model, (torch.randn(B, D, dtype=torch.float64),)).sum().backward()
+        sum_loss(model, (torch.randn(B, D, dtype=torch.float64),)).sum().backward()
 
 
 class _BatchMeanContext(nn.Module):
@@ -89,7 +89,7 @@ def test_a_batch_statistic_meeting_a_parameter_is_refused(B, T):
     model = _BatchMeanContext().double()
     vk.patch(model)
     with pytest.raises(vk.BatchLayoutError, match=r"module 'b'.*no example owns"):
-        _sum_loss(model, (torch.randn(B, T, D, dtype=torch.float64),)).sum().backward()
+        sum_loss(model, (torch.randn(B, T, D, dtype=torch.float64),)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -111,33 +111,13 @@ def test_multi_head_attention_with_a_sequence_a_multiple_of_the_batch(batch_firs
     """F.multi_head_attention_forward holds its examples in dim 1: the check reads them
     there (T a multiple of B was refused before)."""
     torch.manual_seed(0)
-    _check_exact(_Attention(batch_first).double(), torch.randn(B, T, D, dtype=torch.float64))
+    assert_sum_loss_exact(_Attention(batch_first).double(), torch.randn(B, T, D, dtype=torch.float64))
 
 
 def test_torch_recurrent_layers_are_refused_with_what_to_use():
     model = nn.Sequential(nn.LSTM(D, 4, batch_first=True))
     with pytest.raises(vk.UnsupportedModuleError, match=r"'0' \(LSTM\).*DPLSTM"):
         vk.patch(model)
-
-
-class _PackedLSTM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        from opacus.layers import DPLSTM
-        self.lstm = DPLSTM(D, 4, batch_first=True)
-
-    def forward(self, x, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        return self.lstm(packed)[1][0][-1]  # each example's last hidden state
-
-
-def test_dp_lstm_on_a_packed_sequence_is_refused_naming_it():
-    model = _PackedLSTM()
-    vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match=r"'lstm' \(DPLSTM\) was given a PackedSeq"):
-        model(torch.randn(3, 5, D), torch.tensor([5, 3, 2])).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
 
 
 class _Nested(nn.Module):
@@ -198,7 +178,7 @@ def test_tables_shared_by_every_example_are_exact(B, T):
     refused before; the offsets' linear layer too whenever T was a multiple of B)."""
     torch.manual_seed(0)
     model = _TablesFromTheLength().double()
-    _check_exact(model, torch.randint(0, 11, (B, T), generator=torch.Generator().manual_seed(B)))
+    assert_sum_loss_exact(model, torch.randint(0, 11, (B, T), generator=torch.Generator().manual_seed(B)))
 
 
 class _FirstRowsOfTheBatch(nn.Module):
@@ -218,7 +198,7 @@ def test_rows_that_do_not_grow_and_change_with_the_examples_are_refused():
     vk.patch(model)
     x = torch.randn(2, 3, D, dtype=torch.float64)
     with pytest.raises(vk.BatchLayoutError):
-        _sum_loss(model, (x,)).sum().backward()
+        sum_loss(model, (x,)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -249,7 +229,7 @@ def test_parameters_repeated_to_the_batch_are_exact(B):
     torch.manual_seed(0)
     model = _ClsToken().double()
     with pytest.warns(RuntimeWarning, match="via cat"):
-        _check_exact(model, torch.randn(B, 4, D, dtype=torch.float64))
+        assert_sum_loss_exact(model, torch.randn(B, 4, D, dtype=torch.float64))
 
 
 def test_copies_of_a_parameter_mixed_across_examples_are_refused():
@@ -257,7 +237,7 @@ def test_copies_of_a_parameter_mixed_across_examples_are_refused():
     model = _ClsToken(mix_copies=True).double()
     vk.patch(model)
     with pytest.raises(vk.BatchLayoutError, match=r"cumsum .* mixes the copies"):
-        _sum_loss(model, (torch.randn(3, 4, D, dtype=torch.float64),)).sum().backward()
+        sum_loss(model, (torch.randn(3, 4, D, dtype=torch.float64),)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -321,130 +301,3 @@ def test_one_layer_reading_a_table_and_the_data_is_refused():
     with pytest.raises(vk.BatchLayoutError, match=r"'proj'.*does not grow with the batch"):
         model(x, features).square().sum().backward()
     assert all(p.grad is None for p in model.parameters())
-
-
-class _PerHeadGates(nn.Module):
-    """RecurrentGemma's RG-LRU gate layout: [B, T, H·w] rows to [H, B·T, w], one matmul per
-    head with a [H, w, w] weight (bmm or baddbmm, function or method); ``mixed`` reshapes
-    without the permute, so a head's rows come from several examples. (Elementwise calls in
-    the [H, B·T, w] layout have no rule: bmm's bias is added back in the examples' layout.)"""
-    def __init__(self, H, w=3, call="baddbmm", mixed=False):
-        super().__init__()
-        self.H, self.w, self.call, self.mixed = H, w, call, mixed
-        self.weight = nn.Parameter(torch.randn(H, w, w, dtype=torch.float64))
-        self.bias = nn.Parameter(torch.randn(H, w, dtype=torch.float64))
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        if self.mixed:
-            h = x.reshape(self.H, B * T, self.w)
-        else:
-            h = x.reshape(B * T, self.H, self.w).permute(1, 0, 2)
-        if self.call == "baddbmm":
-            out = torch.baddbmm(self.bias[:, None, :], h, self.weight)
-        elif self.call == "Tensor.baddbmm":
-            out = self.bias[:, None, :].baddbmm(h, self.weight)
-        else:
-            out = torch.bmm(h, self.weight) if self.call == "bmm" else h.bmm(self.weight)
-        out = out.reshape(B, T, -1) if self.mixed else out.transpose(0, 1).reshape(B, T, -1)
-        if not self.call.endswith("baddbmm"):  # the bias added in the examples' layout
-            out = out + self.bias.reshape(-1)
-        return torch.tanh(out)
-
-
-@pytest.mark.parametrize("call", ["baddbmm", "Tensor.baddbmm", "bmm", "Tensor.bmm"])
-@pytest.mark.parametrize("B,H", [(2, 2), (3, 2), (2, 4)])
-def test_per_head_matmul_with_rows_in_dim_1_is_exact(call, B, H):
-    """The matmul's batch dim is the weight's head dim (H == B included): rows in dim 1."""
-    torch.manual_seed(B * H)
-    _check_exact(_PerHeadGates(H, call=call), torch.randn(B, 4, H * 3, dtype=torch.float64))
-
-
-def test_per_head_matmul_with_examples_mixed_across_heads_is_refused():
-    model = _PerHeadGates(2, mixed=True)
-    vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match="'<root>'.*baddbmm"):
-        _sum_loss(model, (torch.randn(3, 4, 6, dtype=torch.float64),)).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
-
-
-class _TimeMajorScale(nn.Module):
-    """Gemma's norm scale h * (1 + w) in a [T, B, d] layout: the call reads a value computed
-    from the parameter, never the parameter itself."""
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(D, dtype=torch.float64))
-
-    def forward(self, x):
-        return (x.transpose(0, 1) * (1 + self.weight)).tanh().transpose(0, 1)
-
-
-def test_a_layout_met_only_through_a_value_derived_from_a_parameter_is_checked():
-    """T == B: only the example check can tell (per-example norms were 60 % off before)."""
-    model = _TimeMajorScale()
-    vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match="'<root>'.*rows of mul"):
-        _sum_loss(model, (torch.randn(3, 3, D, dtype=torch.float64),)).sum().backward()
-    assert model.weight.grad is None
-
-
-class _HeadsFirstBias(_PerHeadGates):
-    def forward(self, x):
-        B, T, _ = x.shape
-        h = x.reshape(B * T, self.H, self.w).permute(1, 0, 2)
-        out = torch.bmm(h, self.weight) + self.bias[:, None, :]  # add in the [H, B·T, w] layout
-        return out.transpose(0, 1).reshape(B, T, -1)
-
-
-@pytest.mark.parametrize("B,H", [(2, 2), (3, 2)])
-def test_elementwise_calls_in_a_heads_first_layout_are_refused(B, H):
-    model = _HeadsFirstBias(H)
-    vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match="'<root>'.* of add"):
-        _sum_loss(model, (torch.randn(B, 4, H * 3, dtype=torch.float64),)).sum().backward()
-    assert all(p.grad is None for p in model.parameters())
-
-
-class _LearnedQueryPooling(nn.Module):
-    """Attention pooling with k learned queries repeated to the batch (SigLIP's head, DETR's
-    object queries), batch-first or sequence-first."""
-    def __init__(self, batch_first, k):
-        super().__init__()
-        self.batch_first = batch_first
-        self.query = nn.Parameter(torch.randn(1, k, D, dtype=torch.float64))
-        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first, dtype=torch.float64)
-
-    def forward(self, x):
-        if self.batch_first:
-            return self.attn(self.query.repeat(x.shape[0], 1, 1), x, x)[0]
-        x = x.transpose(0, 1)
-        return self.attn(self.query.transpose(0, 1).repeat(1, x.shape[1], 1), x, x)[0].transpose(0, 1)
-
-
-@pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("B,k", [(3, 1), (2, 2), (3, 4)])
-def test_a_learned_query_repeated_to_the_batch_for_attention_is_exact(batch_first, B, k):
-    """The query's copies reach the attention in dim 1 (nn.MultiheadAttention transposes a
-    batch-first query): example i's gradient flows through its own column only."""
-    torch.manual_seed(B + k)
-    _check_exact(_LearnedQueryPooling(batch_first, k), torch.randn(B, 5, D, dtype=torch.float64))
-
-
-class _MovedCopiesReadElsewhere(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 2, D, dtype=torch.float64))
-
-    def forward(self, x):
-        moved = self.query.repeat(x.shape[0], 1, 1).transpose(0, 1)  # [2, B, D]
-        return moved.transpose(0, 1) * x
-
-
-def test_copies_moved_to_dim_1_are_refused_outside_attention():
-    """Only attention is known to read column i for example i; anything else is refused
-    (treated as one value shared by the batch, example i's gradient would reach every copy)."""
-    model = _MovedCopiesReadElsewhere()
-    vk.patch(model)
-    with pytest.raises(vk.BatchLayoutError, match="moved to dim 1"):
-        _sum_loss(model, (torch.randn(3, 2, D, dtype=torch.float64),)).sum().backward()
-    assert model.query.grad is None

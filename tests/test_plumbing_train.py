@@ -23,19 +23,11 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 import vaultkern.__main__ as cli
+from train_setup import TINY32
 from vaultkern.models import Decoder
 from vaultkern.privacy import Accountant
 
-TINY32 = 'base = "tiny"\nseq_len = 32\n'
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread is faster for this tiny model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextmanager

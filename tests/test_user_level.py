@@ -13,12 +13,13 @@ from scipy import stats
 
 import vaultkern as vk
 from oracle import per_example_grads
-from test_train import (PRIVATE_FIELDS, PUBLIC_CARD_KEYS, card_keys, config, one_thread,  # noqa: F401
-                        run)
+from train_setup import PRIVATE_FIELDS, PUBLIC_CARD_KEYS, card_keys, run
 from vaultkern.models import Decoder, get_config, per_sequence_loss
 from vaultkern.privacy.user_sampling import (UserPoissonSampler, cap_rows_per_user,
                                              group_microbatches)
 from vaultkern.run.batches import backward_in_microbatches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 USER_CARD_KEYS = {"privacy.user_sampling", "privacy.num_users", "privacy.max_sequences_per_user",
                   "privacy.user_level", "privacy.user_level.k", "privacy.user_level.epsilon",
