@@ -78,6 +78,49 @@ def test_gemma3n_text_is_exact():
     check_exact(transformers.Gemma3nForCausalLM(cfg).double().train(), batch(B=3, T=6))
 
 
+def _gemma3n():
+    cfg = transformers.Gemma3nTextConfig(
+        **dict(_TEXT, num_hidden_layers=3), vocab_size_per_layer_input=V,
+        hidden_size_per_layer_input=4, altup_num_inputs=2, laurel_rank=2,
+        num_kv_shared_layers=1)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.Gemma3nForCausalLM(cfg).double().train()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gemma3n_with_gradient_checkpointing_is_exact(reentrant):
+    """transformers checkpoints a layer's forward, not its call, so the layer's hooks do not
+    run again in the recomputation, where Gemma 3n's layer reads its AltUp coefficients
+    itself. Non-reentrant: the float64 oracle. Reentrant: transformers' own gradient differs
+    from the uncheckpointed one (a KV-shared layer reads a cache written without gradients),
+    so the reference is that model's own per-example gradients, clipped."""
+    model, b = _gemma3n(), batch(B=3, T=6)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # autograd.grad is refused under reentrant checkpointing: backward per row
+        grads = []
+        for i in range(b[0].shape[0]):
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, tuple(t[i:i + 1] for t in b)).sum().backward()
+            grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                          for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    else:
+        grads = per_example_grads(model, b, lm_loss)
+    C = float(clip_and_sum(grads, 1.0)[1].median())
+    want, want_norms = clip_and_sum(grads, C)
+    checkpointing = model.model.layers[0]._gradient_checkpointing_func
+    vk.patch(model, max_grad_norm=C)
+    lm_loss(model, b).sum().backward()
+    assert rel_err(vk.last_norms(model), want_norms) <= 1e-6
+    total = sum(float(g.square().sum()) for g in want.values()) ** 0.5
+    for n, p in model.named_parameters():  # Gemma 3n's norms compute in float32
+        err = float((p.grad - want[n]).norm()) / max(float(want[n].norm()), 1e-6 * total)
+        assert err <= 1e-6, n
+    vk.unpatch(model)
+    assert model.model.layers[0]._gradient_checkpointing_func is checkpointing
+
+
 def test_gemma3_multimodal_model_trained_on_text_is_exact():
     """Gemma3ForConditionalGeneration called with text only: the vision tower and projector
     get no gradient (p.grad stays None, as without vaultkern; the optimizer noises them)."""

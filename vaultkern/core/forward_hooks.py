@@ -49,11 +49,43 @@ class EnterCapture:
         if not self.state.probing:
             self.state.enter(self.site, args, kwargs)
             self.state.capture.check_owned(module, self.site)
+            checkpointing = getattr(module, "_gradient_checkpointing_func", None)
+            if checkpointing is not None and not isinstance(checkpointing, RecomputeUnderCapture):
+                module._gradient_checkpointing_func = RecomputeUnderCapture(
+                    checkpointing, self.state, self.site)
             if self.state.forward_grad and not torch.is_grad_enabled():
                 # a part of a training forward without gradients (reentrant checkpointing):
                 # its uses are made only when it is recomputed inside the backward pass, so
                 # no parameter can be clipped before the end of that backward
                 self.state.bookkeeper.wait_for_all = True
+
+
+class RecomputeUnderCapture:
+    """A Hugging Face layer's checkpointing function (transformers checkpoints the layer's
+    ``forward``, not its call, so its hooks do not run again when the backward pass
+    recomputes it): the recomputation runs under this site's capture, as the forward did,
+    so the parameters the layer reads itself (Gemma 3n's AltUp coefficients) are captured
+    both times. ``vk.unpatch`` puts the function back."""
+
+    def __init__(self, checkpointing, state: _PatchState, site: Site):
+        self.checkpointing, self.state, self.site = checkpointing, state, site
+
+    def __call__(self, function, *args, **kwargs):
+        return self.checkpointing(_Recomputed(function, self.state, self.site), *args, **kwargs)
+
+
+class _Recomputed:
+    def __init__(self, function, state: _PatchState, site: Site):
+        self.function, self.state, self.site = function, state, site
+
+    def __call__(self, *args, **kwargs):
+        if not in_backward():  # the forward itself: its pre-hook already entered the site
+            return self.function(*args, **kwargs)
+        self.state.enter(self.site, args, kwargs)
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.state.exit()
 
 
 class ExitCapture:

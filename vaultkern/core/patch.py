@@ -31,7 +31,8 @@ from vaultkern.core.capture import Capture, CaptureMode
 from vaultkern.core import refusals, sharded
 from vaultkern.core.errors import UnsupportedModuleError
 from vaultkern.core.forward_hooks import (EnterCapture, ExitCapture, ModelEnd, ModelStart,
-                                         UnclippedGradientGuard, in_backward)
+                                         RecomputeUnderCapture, UnclippedGradientGuard,
+                                         in_backward)
 from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
@@ -291,6 +292,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: no hooks, no state. Returns the model."""
     state_of(model)
     for module in model.modules():
+        checkpointing = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(checkpointing, RecomputeUnderCapture):
+            module._gradient_checkpointing_func = checkpointing.checkpointing
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
                 del hooks[key]
