@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -112,12 +111,10 @@ class Capture:
         self.buffers: set = set()
         self.stand_ins: set = set()             # FSDP2: ids a module may hold in their place
         self.site_stack: List[Any] = []
-        self.copies_in_dim_1 = False            # see track_parameters
 
     # -- tracking -----------------------------------------------------------------------------
     def track_parameters(self, named_params: Sequence[Tuple[str, torch.Tensor]], buffers) -> None:
         self.tracked.clear()
-        self.copies_in_dim_1 = False  # a value of per-example copies moved to dim 1 exists
         self.params = {id(p): p for _, p in named_params}
         self.names = {id(p): n for n, p in named_params}
         for p in self.params.values():
@@ -215,8 +212,6 @@ class Capture:
             # of h, which the capture may keep for the backward pass)
             out = self.dispatch(_IN_PLACE[func], (args[0].clone(),) + tuple(args[1:]), kwargs)
             return args[0].copy_(out)
-        if self.copies_in_dim_1 and func is not F.multi_head_attention_forward:
-            self.refuse_copies_in_dim_1(func, args, kwargs)
         handler = handlers.HANDLERS.get(func)
         if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)
             out = handler(self, func, args, kwargs)
@@ -224,6 +219,12 @@ class Capture:
                 return out
         leaves, spec = tree_flatten((args, kwargs))
         entries = [self.lookup(x) for x in leaves]
+        if any(e is not None and e.in_dim_1 for e in entries):
+            raise BatchLayoutError(
+                f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} reads "
+                "a parameter repeated to the batch whose copies were moved to dim 1 (a learned "
+                "query transposed for attention); only nn.MultiheadAttention's attention may "
+                "read it, as that is where vaultkern knows example i reads column i.")
         tables = self.shared_table_inputs(func, leaves)
         batched = [e is None and id(x) not in tables and self.is_batched(x)
                    for x, e in zip(leaves, entries)]
@@ -240,15 +241,6 @@ class Capture:
         self.state.bookkeeper.wait_for_all = True  # nothing is written before it is refused
         return tree_map(lambda o: _RefuseGradient.apply(ungrown, o)
                         if isinstance(o, torch.Tensor) and o.requires_grad else o, out)
-
-    def refuse_copies_in_dim_1(self, func, args, kwargs) -> None:
-        leaves = tree_flatten((args, kwargs))[0]
-        if any(e is not None and e.in_dim_1 for e in map(self.lookup, leaves)):
-            raise BatchLayoutError(
-                f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} reads "
-                "a parameter repeated to the batch whose copies were moved to dim 1 (a learned "
-                "query transposed for attention); only nn.MultiheadAttention's attention may "
-                "read it, as that is where vaultkern knows example i reads column i.")
 
     def derive(self, func, leaves, entries, spec):
         """A call on parameters (and constants) only: a derived value (derived.py)."""

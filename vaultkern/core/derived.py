@@ -123,9 +123,8 @@ def derive(cap, func, leaves, entries, spec):
     if in_dim_1:
         # nn.MultiheadAttention(batch_first=True) transposing a learned query repeated to the
         # batch: the copies move to dim 1 and the value is tracked whole, [k, B, d] (its
-        # attention rule hands example i its column i; capture refuses any other reader)
+        # attention rule hands example i its column i; dispatch refuses any other reader)
         rows, recompute = None, _transposed_copies(used[0], cap.batch)
-        cap.copies_in_dim_1 = True
     else:
         recompute = replay
         rows = _rows_per_example(cap, func, leaves, used, out, recompute, roots)

@@ -33,9 +33,9 @@ def rows_operand(cap, func, args, kwargs) -> Optional[int]:
             and isinstance(x, torch.Tensor) and x.dim() == 3 and cap.lookup(x) is None):
         return None
     if data_at == 1:  # baddbmm's added term must not hold rows of its own
-        bias = args[0]
-        if isinstance(bias, torch.Tensor) and cap.lookup(bias) is None and bias.dim() == 3 and (
-                bias.shape[1] != 1):
+        bias, entry = args[0], cap.lookup(args[0])
+        if isinstance(bias, torch.Tensor) and bias.dim() == 3 and (
+                entry.in_dim_1 if entry is not None else bias.shape[1] != 1):
             return None
     return data_at
 

@@ -133,8 +133,7 @@ class _Probe:
         cap = self.capture
         leaves, _ = tree_flatten((args, kwargs))
         params = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in cap.params]
-        if not params and not any(isinstance(x, torch.Tensor) and self.derived.get(id(x)) is x
-                                  for x in leaves):
+        if not any(isinstance(x, torch.Tensor) and self.reads_parameter(x) for x in leaves):
             return
         inside = [m for m in self.stack if id(m) in self.modules]
         if params and not any(id(m) in self.readers for m in inside):
