@@ -164,9 +164,11 @@ def test_gemma3_with_images_is_exact(attn):
 
 def test_t5gemma2_encoder_decoder_is_exact():
     """Unpadded: transformers' T5Gemma 2 itself returns NaN logits for a padded row in
-    float64 eager attention (before any patch), so padding is not part of this check."""
+    float64 eager attention (before any patch), so padding is not part of this check. Two
+    rows hold the end-of-image token, where the encoder writes its trainable embedding in
+    place (``embeds[ids == eoi] = self.eoi_embedding``)."""
     enc = transformers.T5Gemma2EncoderConfig(
-        text_config=_TEXT, mm_tokens_per_image=4,
+        text_config=_TEXT, mm_tokens_per_image=4, eoi_token_index=3,
         vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                            num_attention_heads=2, image_size=8, patch_size=4))
     cfg = transformers.T5Gemma2Config(encoder=enc, decoder=transformers.T5Gemma2DecoderConfig(**_TEXT))
@@ -175,7 +177,8 @@ def test_t5gemma2_encoder_decoder_is_exact():
     torch.manual_seed(0)
     model = transformers.T5Gemma2ForConditionalGeneration(cfg).double().train()
     g = torch.Generator().manual_seed(1)
-    b = (torch.randint(3, V, (3, 6), generator=g), torch.randint(3, V, (3, 5), generator=g))
+    b = (torch.randint(4, V, (3, 6), generator=g), torch.randint(4, V, (3, 5), generator=g))
+    b[0][0, 2] = b[0][2, 4] = 3
 
     def loss(m, b):
         logits = m(input_ids=b[0], decoder_input_ids=b[1]).logits

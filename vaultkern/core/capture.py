@@ -25,6 +25,7 @@ rows (values unchanged; the output then has B rows instead of 1).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,10 +48,49 @@ DETACHING = {torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.requires_gr
               torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor}
 T = torch.Tensor
 # In-place arithmetic with a parameter, and the call that computes the same out of place.
-_IN_PLACE = {T.__iadd__: T.add, T.add_: T.add, T.__isub__: T.sub, T.sub_: T.sub,
+IN_PLACE = {T.__iadd__: T.add, T.add_: T.add, T.__isub__: T.sub, T.sub_: T.sub,
              T.__imul__: T.mul, T.mul_: T.mul, T.__itruediv__: T.div, T.div_: T.div,
              T.addcmul_: T.addcmul, T.addcdiv_: T.addcdiv, T.addmm_: T.addmm,
              T.baddbmm_: T.baddbmm, T.addmv_: T.addmv, T.clamp_: T.clamp, T.lerp_: T.lerp}
+
+
+def mutates_first_argument(func) -> bool:
+    """``t[idx] = v``, ``t += v``, ``t.index_copy_(...)``, ``torch.relu_(t)``: calls that
+    write into their first argument."""
+    name = getattr(func, "__name__", "")
+    return func in IN_PLACE or func is torch.Tensor.__setitem__ or (
+        name.startswith("__i") and name.endswith("__")) or (
+        name.endswith("_") and not name.startswith("_"))
+
+
+def _boolean_mask(func, args) -> Optional[torch.Tensor]:
+    """For ``t[mask] = v`` with a boolean mask over t's leading dims and v one value for every
+    selected row: the mask broadcast to t (then it is ``torch.where(mask, v, t)``)."""
+    if func is not torch.Tensor.__setitem__ or len(args) != 3:
+        return None
+    target, index, value = args
+    index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+    if not (isinstance(index, torch.Tensor) and index.dtype == torch.bool and isinstance(
+            value, torch.Tensor) and index.shape == target.shape[:index.dim()]):
+        return None
+    rest = target.shape[index.dim():]
+    if value.dim() > len(rest) or torch.broadcast_shapes(value.shape, rest) != rest:
+        return None
+    return index.reshape(index.shape + (1,) * len(rest))
+
+
+@functools.lru_cache(maxsize=None)
+def on_a_copy(func):
+    """The out-of-place form of an in-place call: the same write into a copy of its first
+    argument, which it returns (its name stays the call's, as the layout check knows it)."""
+    @functools.wraps(func)
+    def write_on_copy(target, *args, **kwargs):
+        copy = target.clone()
+        func(copy, *args, **kwargs)
+        return copy
+    return write_on_copy
+
+
 del T
 
 
@@ -203,15 +243,16 @@ class Capture:
 
     # -- dispatch -----------------------------------------------------------------------------
     def dispatch(self, func, args, kwargs):
-        from vaultkern.core import handlers  # the handlers import this module
         if func in DETACHING:
             return func(*args, **kwargs)
-        if func in _IN_PLACE and args and isinstance(args[0], torch.Tensor) and (
-                self.lookup(args[0]) is None):
-            # h += self.bias: the out-of-place call, captured, then written into h (on a copy
-            # of h, which the capture may keep for the backward pass)
-            out = self.dispatch(_IN_PLACE[func], (args[0].clone(),) + tuple(args[1:]), kwargs)
-            return args[0].copy_(out)
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) not in self.params and (
+                mutates_first_argument(func)):
+            return self.write_in_place(func, args, kwargs)
+        return self.route(func, args, kwargs)
+
+    def route(self, func, args, kwargs):
+        """A call that reads a tracked value and writes into none of its inputs."""
+        from vaultkern.core import handlers
         handler = handlers.HANDLERS.get(func)
         if func in handlers.OWN_BATCH_DIMS:  # knows where its examples are (not dim 0)
             out = handler(self, func, args, kwargs)
@@ -241,6 +282,52 @@ class Capture:
         self.state.bookkeeper.wait_for_all = True  # nothing is written before it is refused
         return tree_map(lambda o: _RefuseGradient.apply(ungrown, o)
                         if isinstance(o, torch.Tensor) and o.requires_grad else o, out)
+
+    def write_in_place(self, func, args, kwargs):
+        """An in-place call that reads a tracked value: its out-of-place form is captured (or
+        derived), then written into the target. ``h += self.bias`` on data: the captured sum
+        goes into h. A write into a constant or a derived value (``m[rows, cols] = self.w``,
+        ``w = self.weight.clone(); w[0] = 0``) makes the target a derived value whose
+        recomputation includes the write; without this, the write would run on detached
+        values and the target's gradient would be silently lost or stale."""
+        target, entry = args[0], self.lookup(args[0])
+        functional = IN_PLACE.get(func)
+        # the target as it is now, on a copy (the capture may keep it for the backward pass)
+        first = (target if entry is not None else target.clone(),) + tuple(args[1:])
+        mask = _boolean_mask(func, args)
+        if mask is not None:  # x[mask] = v per example: vmap cannot index by a mask
+            out = self.route(torch.where, (mask, args[2], first[0]), {})
+        elif func is torch.Tensor.copy_ and self.lookup(args[1]) is not None and (
+                args[1].shape == target.shape):  # what the target held is overwritten
+            out = self.route(torch.Tensor.to, (args[1], target.dtype), {"copy": True})
+        elif functional is None:
+            out = self.route(on_a_copy(func), first, kwargs)
+        else:  # the out-of-place call itself, so that its handler (a bias add) applies
+            out = self.route(functional, first, kwargs)
+        result = None if func is torch.Tensor.__setitem__ else target
+        made = self.lookup(out)
+        if made is None:  # met the data: the captured value, on the capture's graph
+            if entry is not None:
+                raise BatchLayoutError(
+                    f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} "
+                    "writes data into a value computed from trainable parameters alone; "
+                    "compute a new tensor instead (out of place).")
+            target.copy_(out)
+            return result
+        if entry is None and target._is_view():
+            raise BatchLayoutError(
+                f"vaultkern: {getattr(func, '__name__', func)} in {self.site().describe()} "
+                "writes a value computed from trainable parameters into a view of another "
+                "tensor, which vaultkern cannot follow to that tensor; build it out of place "
+                "(e.g. torch.diag_embed, index_put, torch.where).")
+        if entry is None:
+            target.copy_(out)  # its graph now ends at the derived value's guard node
+        else:
+            target.detach().copy_(made.value)
+        self.tracked[id(target)] = Tracked(made.value, made.roots, made.recompute, None,
+                                           handle=target, rows=made.rows,
+                                           in_dim_1=made.in_dim_1)
+        return result
 
     def derive(self, func, leaves, entries, spec):
         """A call on parameters (and constants) only: a derived value (derived.py)."""

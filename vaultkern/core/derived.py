@@ -78,6 +78,11 @@ class _DerivedGuard(torch.autograd.Function):
             "shared by all).")
 
 
+def carries_gradient(t: torch.Tensor) -> bool:
+    """Real or complex floating point (FourierFT's spectrum goes through a complex ifft2)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def derive(cap, func, leaves, entries, spec):
     """A call on parameters (and constants) only: a derived value, no gradient yet."""
     for x, e in zip(leaves, entries):
@@ -87,14 +92,14 @@ def derive(cap, func, leaves, entries, spec):
     a, k = tree_unflatten(values, spec)
     out = func(*a, **k)
     if not isinstance(out, torch.Tensor):
-        if any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in tree_flatten(out)[0]):
+        if any(isinstance(o, torch.Tensor) and carries_gradient(o) for o in tree_flatten(out)[0]):
             raise BatchLayoutError(
                 f"vaultkern: {getattr(func, '__name__', func)} in {cap.site().describe()} "
                 "computes several values from trainable parameters without any input whose "
                 f"dim 0 holds the {cap.batch} examples; vaultkern cannot attribute them to "
                 "examples.")
         return out  # shapes, sizes: no gradient to carry
-    if not out.is_floating_point():
+    if not carries_gradient(out):
         return out  # comparisons, indices
     used = [e for e in entries if e is not None]
     roots = tuple({id(r): r for e in used for r in e.roots}.values())

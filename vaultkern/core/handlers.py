@@ -29,6 +29,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from vaultkern.backend import acc_dtype
+from vaultkern.core.derived import carries_gradient
 from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.grad_forms import Factored, Materialized
 
@@ -295,7 +296,7 @@ def generic_consumption(cap, func, leaves, entries, spec, batched: Optional[List
     out = func(*a, **k)
     out_leaves, out_spec = tree_flatten(out)
     grad_slots = [i for i, o in enumerate(out_leaves)
-                  if isinstance(o, torch.Tensor) and o.is_floating_point()]
+                  if isinstance(o, torch.Tensor) and carries_gradient(o)]
     for i in grad_slots:
         if B and (out_leaves[i].dim() == 0 or out_leaves[i].shape[0] % B):
             raise BatchLayoutError(

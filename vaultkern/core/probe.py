@@ -3,7 +3,8 @@
 Shapes cannot tell a model that works in ``[T, B, d]`` with T == B from one in
 ``[B, T, d]``; dependence can. Before the first grad-enabled forward of a patched
 model, extra forwards run without gradients (up to six), each from the same random
-state (dropout draws the same masks), with the buffers restored afterwards:
+state of torch, NumPy and Python's random (dropout and wav2vec2's SpecAugment draw the
+same masks), with the buffers restored afterwards:
 
 1. the batch as given, and
 2. the batch with one set of examples changed, for each of: example 0, the
@@ -40,21 +41,29 @@ the whole batch; it is refused wherever it runs.
 """
 from __future__ import annotations
 
+import random
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from vaultkern.core import handlers
-from vaultkern.core.capture import DETACHING, UNGROWN, ungrown_key
+from vaultkern.core.capture import (DETACHING, IN_PLACE, UNGROWN, mutates_first_argument,
+                                    ungrown_key)
 from vaultkern.core.errors import BatchLayoutError
+from vaultkern.core.probe_inputs import example_sets, grown_batch, perturbed
 from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 
+# Calls that make a tensor whose values depend on no input (only its shape may).
+_FRESH = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+          torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
+          torch.Tensor.new_full}
 _TOLERANCE = 1e-5  # relative: non-deterministic kernels (atomics) differ by ~1e-7
 
 
@@ -80,6 +89,7 @@ class _Probe:
         self.stack: List[nn.Module] = []
         self.records: List[tuple] = []  # (where, call, row digests, input sizes, site)
         self.derived: dict = {}  # id -> values computed from trainable parameters alone
+        self.constants: dict = {}  # id -> tensors made in the forward from no data or parameter
         self.new_readers = {}
 
     def pre(self, module, args):
@@ -103,21 +113,36 @@ class _Probe:
 
     def note_derived(self, func, args, kwargs, out) -> None:
         """Outputs of a call on trainable parameters and constants only (buffers, frozen
-        parameters, scalars) are derived values, which the capture tracks like the parameters:
+        parameters, scalars, and tensors the forward makes from neither data nor parameters:
+        ``torch.eye(d)``, ``2 * torch.eye(d)``) are derived values, which the capture tracks
+        like the parameters:
         the calls that read them are checked like theirs. (Not by the shapes of the other
         inputs, as the capture decides, so that the same calls are checked at every batch
         size.)"""
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if func in _FRESH:
+            self.constants.update((id(o), o) for o in outs)
         if func in DETACHING:
             return
-        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        # a call that writes into its first argument (``m[rows, cols] = self.w``, R.add_(w)
+        # with R made by torch.eye) makes it what the call makes: derived, constant or data
+        # (the capture tracks it so: write_in_place); copy_ overwrites what it held
+        target = args[0] if args and isinstance(args[0], torch.Tensor) and (
+            mutates_first_argument(func)) else None
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)
+                   and not (x is target and func is torch.Tensor.copy_)]
         from_params = [self.reads_parameter(x) for x in tensors]
-        if not any(from_params) or not all(
-                p or x.dim() == 0 or isinstance(x, nn.Parameter) or id(x) in self.capture.buffers
-                for x, p in zip(tensors, from_params)):
-            return
-        for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor):
-                self.derived[id(o)] = o
+        constant = [not p and (x.dim() == 0 or isinstance(x, nn.Parameter) or id(x) in (
+            self.capture.buffers) or self.constants.get(id(x)) is x)
+            for x, p in zip(tensors, from_params)]
+        made = outs + ([target] if target is not None else [])
+        if target is not None:
+            self.constants.pop(id(target), None)
+            self.derived.pop(id(target), None)
+        if all(constant):  # torch.eye(d), torch.zeros(...).repeat(...): no data, no parameter
+            self.constants.update((id(o), o) for o in made)
+        elif any(from_params) and all(p or c for p, c in zip(from_params, constant)):
+            self.derived.update((id(o), o) for o in made)
 
     def see(self, func, args, kwargs):
         if func in DETACHING:  # reads no values (FSDP's own bookkeeping does these too)
@@ -150,64 +175,26 @@ class _Probe:
         if inputs is None:
             inputs = cap.call_inputs(leaves)
         batched = [cap.is_batched(x) for x in inputs]
-        name = getattr(func, "__name__", repr(func))
+        # the capture runs ``h += b`` as ``h + b`` (capture._IN_PLACE): recorded under that name
+        name = getattr(IN_PLACE.get(func, func), "__name__", repr(func))
         # frozen parameters are constants; every other input is compared across the runs, but
         # for a bag's flat tokens (and offsets, weights): its rule splits them by the offsets
         bags = func is F.embedding_bag
-        digests = [None if isinstance(x, nn.Parameter) or (bags and x.dim() == 1) else _row_digest(x)
-                   for x in inputs]
+        # what copy_ writes into is overwritten, whatever it held (torch.empty's garbage)
+        overwritten = args[0] if func is torch.Tensor.copy_ else None
+        digests = [None if isinstance(x, nn.Parameter) or (bags and x.dim() == 1)
+                   or x is overwritten else _row_digest(x) for x in inputs]
         sizes = [(x.shape[0], x.dim(), b) for x, b in zip(inputs, batched)]
         self.records.append((where or "<root>", name, digests, sizes, site or "<root>"))
 
 
 def _row_digest(t: torch.Tensor) -> torch.Tensor:
-    rows = t.detach().reshape(t.shape[0], -1).to(torch.float64)
+    rows = t.detach().reshape(t.shape[0], -1 if t.shape[0] else 0).to(torch.float64)
     return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
 
 
-def _perturbed(args, kwargs, examples: List[int], roll: bool = False) -> Optional[Tuple[tuple, dict]]:
-    """The inputs with some examples of the primary input changed (None if they cannot be):
-    noise added, token ids shifted by one, or (``roll``) each changed row of ids rotated by
-    one position, which keeps every token of the row."""
-    from vaultkern.core.patch import primary_input
-    x = primary_input(args, kwargs)
-    if x is None or x.shape[0] < 2 or x.dtype == torch.bool or (roll and (
-            x.is_floating_point() or x.dim() < 2)):
-        return None
-    y = x.clone()
-    if roll:
-        y[examples] = y[examples].roll(1, dims=-1)
-    elif x.is_floating_point():
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        scale = float(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0).std()) + 1.0
-        y[examples] += (torch.randn(y[examples].shape, generator=gen) * scale).to(y)
-    else:
-        y[examples] = (y[examples] + 1) % max(int(x.max()) + 1, 2)
-    return tree_map(lambda t: y if t is x else t, (args, kwargs))
-
-
-def _example_sets(B: int) -> List[List[int]]:
-    """The sets of examples changed one at a time: the first, the last, the odd and the
-    even ones (each a proper, non-empty subset; repeats dropped)."""
-    sets: List[List[int]] = []
-    for candidate in ([0], [B - 1], list(range(1, B, 2)), list(range(0, B, 2))):
-        if 0 < len(candidate) < B and candidate not in sets:
-            sets.append(candidate)
-    return sets
-
-
-def _grown(args, kwargs, batch: int) -> Tuple[tuple, dict]:
-    """The inputs with one more example: a copy of example 0 appended to every tensor
-    whose dim 0 is the batch."""
-    def grow(x):
-        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
-            return torch.cat([x, x[:1]])
-        return x
-    return tree_map(grow, args), tree_map(grow, kwargs)
-
-
 def _run(probe: _Probe, model: nn.Module, args, kwargs):
-    probe.records, probe.derived = [], {}
+    probe.records, probe.derived, probe.constants = [], {}, {}
     devices = sorted({b.device.index or 0 for b in model.parameters() if b.is_cuda})
     pre = nn.modules.module.register_module_forward_pre_hook(probe.pre)
     post = nn.modules.module.register_module_forward_hook(probe.post, always_call=True)
@@ -215,10 +202,13 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
     # in (its pre-forward hook precedes vaultkern's); calling it again would reshard them
     # when the inner call returns, so only its forward runs (its submodules' hooks all run).
     call = model.forward if is_fsdp_module(model) else model
+    states = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _Observe(probe):
             call(*args, **kwargs)
     finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
         pre.remove()
         post.remove()
     return probe.records
@@ -231,7 +221,7 @@ def _changed_run(probe: _Probe, model: nn.Module, args, kwargs, examples, change
     try:
         return _run(probe, model, *changed)
     except Exception as shifted:  # noqa: BLE001 - the model's own check of its input
-        rolled = _perturbed(args, kwargs, examples, roll=True)
+        rolled = perturbed(args, kwargs, examples, roll=True)
         if rolled is None:
             raise shifted
         try:
@@ -244,8 +234,8 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     """Run the probe forwards (see the module docstring); raise on a bad layout."""
     from vaultkern.core.patch import add_reader
     B = state.batch
-    changed = [(examples, c) for examples in _example_sets(B)
-               if (c := _perturbed(args, kwargs, examples)) is not None]
+    changed = [(examples, c) for examples in example_sets(B)
+               if (c := perturbed(args, kwargs, examples)) is not None]
     wanted = 2 + len(changed) if B else 0  # as given, each change, one example more
     forwards = wanted
     state.runtime()  # built before the first forward (it sets up FSDP's sink)
@@ -263,7 +253,7 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 for examples, c in changed]
         state.batch = B + 1
         try:
-            grown = _run(probe, model, *_grown(args, kwargs, B))
+            grown = _run(probe, model, *grown_batch(args, kwargs, B))
         except Exception as exc:  # noqa: BLE001 - a model that only runs at this batch size
             grown = exc
         finally:
