@@ -309,6 +309,17 @@ def worker(rank, world, scenario, port, out):
                     max_grad_norm=C, poisson_sampling=True, truncated_max_batch=4)
             except NotImplementedError as exc:
                 errors.append(str(exc))
+            # the trainable set changed after DDP or FSDP2 set up its reduction for it
+            for wrapped in (nn.parallel.DistributedDataParallel(vk.patch(model())),
+                            sharded(model(), patch_first=True, max_grad_norm=C)):
+                rows = (data(0).chunk(world)[rank],)
+                lm_loss(wrapped, rows).sum().backward()
+                inner = getattr(wrapped, "module", wrapped)
+                inner.blocks[0].requires_grad_(False)
+                try:
+                    lm_loss(wrapped, rows).sum().backward()
+                except vk.UnsupportedModuleError as exc:
+                    errors.append(str(exc))
             result = {"errors": errors}
     finally:
         torch.save(result, f"{out}.rank{rank}")

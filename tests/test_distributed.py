@@ -56,14 +56,18 @@ def test_noise_once_and_identical_on_every_rank(tmp_path):
 
 def test_unsupported_modes_are_refused(tmp_path):
     """DDP flags that would keep or lose the clipped sums, DDP before patching, FSDP2 layouts
-    vaultkern cannot reduce (root parameters left unsharded, HSDP's 2-D mesh) and truncated Poisson across ranks: each a clear error, never silent training."""
+    vaultkern cannot reduce (root parameters left unsharded, HSDP's 2-D mesh), truncated
+    Poisson across ranks, and parameters frozen after DDP or FSDP2 set up their reduction:
+    each a clear error, never silent training."""
     errors = run("refusals", tmp_path)[0]["errors"]
-    assert len(errors) == 6, errors
+    assert len(errors) == 8, errors
     assert "find_unused_parameters" in errors[0] and "static_graph" in errors[1]
     assert "before wrapping it in DistributedDataParallel" in errors[2]
     assert "'embed.weight' is not sharded" in errors[3] and "root" in errors[3]
     assert "2-D mesh" in errors[4]
     assert "truncated_max_batch under torch.distributed" in errors[5]
+    assert "changed after it was wrapped in DistributedDataParallel" in errors[6]
+    assert "changed after it was wrapped in FSDP2" in errors[7]
 
 
 def test_fsdp2_step_equals_one_process_on_the_whole_batch(tmp_path):

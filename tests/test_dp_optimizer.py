@@ -112,6 +112,26 @@ def test_non_finite_gradient_raises_and_changes_nothing():
         opt.step()
 
 
+def test_loss_scaling_with_grad_scaler_is_refused_and_changes_nothing():
+    """A scaled loss scales every example's gradient before it is clipped, so the clipped
+    update would be `scale` times too small; GradScaler(enabled=False) is fine."""
+    p = nn.Parameter(torch.ones(4))
+    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, 2, seed=0)
+    for unscale_first in (False, True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(p.sum()).backward()
+        if unscale_first:  # the usual clip_grad_norm_ recipe
+            scaler.unscale_(opt)
+        with pytest.raises(RuntimeError, match="GradScaler.*not supported"):
+            scaler.step(opt)
+        assert torch.equal(p.detach(), torch.ones(4)) and opt.steps_taken == 0
+        opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler.scale(p.sum()).backward()
+    scaler.step(opt)
+    assert opt.steps_taken == 1 and torch.equal(p.detach(), torch.full((4,), 0.5))
+
+
 def test_skipped_micro_steps_keep_accumulating():
     p = nn.Parameter(torch.zeros(2))
     opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, expected_batch_size=2)

@@ -181,6 +181,14 @@ def test_bf16_and_gradient_checkpointing_run(tmp_path):
     assert os.path.isdir(tmp_path)
 
 
+def test_fp16_loss_scaling_is_refused(tmp_path):
+    """fp16's GradScaler scales every example's gradient before it is clipped."""
+    with pytest.raises(ValueError, match="fp16=True is not supported.*bf16=True"):
+        DPTrainer(model=make("llama", dtype=torch.float32), args=targs(tmp_path, fp16=True),
+                  train_dataset=dataset(), data_collator=collate, target_epsilon=8.0,
+                  target_delta=1e-3)
+
+
 def test_user_level_steps_equal_the_same_steps_by_hand(tmp_path):
     """user_ids + max_rows_per_user: ULS over users (q = B̄/U), each user's summed gradient
     clipped as one; σ = 0 and a fixed seed give the weights of the same steps by hand

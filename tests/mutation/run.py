@@ -102,7 +102,7 @@ MUTANTS = [
                  r"\g<0>\1import vaultkern.privacy.optimizer as _vk_opt\n"
                  r"\1_vk_opt.REALISED_ROWS = \2\n"),
             Edit(("vaultkern/privacy/optimizer.py",),
-                 r"std, scale = self\.noise_std, self\.grad_scale$",
+                 r"std, scale = self\.noise_std, self\.update_scale$",
                  'std, scale = self.noise_std, (1.0 / globals().get("REALISED_ROWS", '
                  'self.expected_batch_size) if self.loss_reduction == "mean" else 1.0)')],
            [*ENGINE_TESTS, "tests/test_dp_optimizer.py"]),
@@ -116,8 +116,8 @@ MUTANTS = [
            NOISE_TESTS),
     Mutant("reproducible-std", "DPOptimizer reproducible-mode noise std x1.02",
            [Edit(("vaultkern/privacy/optimizer.py",),
-                 r"std, scale = self\.noise_std, self\.grad_scale$",
-                 "std, scale = 1.02 * self.noise_std, self.grad_scale")],
+                 r"std, scale = self\.noise_std, self\.update_scale$",
+                 "std, scale = 1.02 * self.noise_std, self.update_scale")],
            ["tests/test_dp_optimizer.py", "tests/test_plumbing_engine.py"]),
     Mutant("fsdp-shard-offset", "FSDP2: every shard noised from counter 0 of its parameter "
            "(the ranks' noise overlaps, not the single-process draw)",

@@ -190,19 +190,19 @@ class Capture:
     def check_owned(self, module, site) -> None:
         """Each trainable parameter ``module`` owns must still be the tracked tensor when its
         forward starts: a wrapper that swaps in other tensors for the forward (FSDP1's flat
-        parameter views, ``torch.func.functional_call``, an offloading hook), or a parameter
-        replaced after the first forward, would otherwise train on unclipped gradients."""
+        parameter views, ``torch.func.functional_call``, an offloading hook) would otherwise
+        train on unclipped gradients. (Parameters replaced between forwards are followed:
+        ``_PatchState.follow_trainable``.)"""
         for name in site.owned:
             t = getattr(module, name, None)
             if t is None or id(t) in self.params or id(t) in self.stand_ins:
                 continue
             raise UnsupportedModuleError(
                 f"vaultkern: the trainable parameter '{name}' of {site.describe()} is not the "
-                "tensor vaultkern tracks: something replaced it after vk.patch's first forward "
+                "tensor vaultkern tracks: something swapped another tensor in for this forward "
                 "(FSDP1's FullyShardedDataParallel, torch.func.functional_call, an offloading "
-                "hook, or a parameter re-assigned or re-tied). Its gradient would bypass "
-                "per-example clipping. Patch the model after such changes, and use FSDP2 "
-                "(fully_shard) or DistributedDataParallel to shard or replicate it.")
+                "hook). Its gradient would bypass per-example clipping. Use FSDP2 (fully_shard) "
+                "or DistributedDataParallel to shard or replicate the model.")
 
     def param_name(self, p: torch.Tensor) -> str:
         return self.names.get(id(p), "<parameter>")

@@ -112,6 +112,8 @@ class ModelStart:
             if torch.is_grad_enabled():
                 refusals.check_model_loss(module, kwargs)
             attach_ddp(st)
+            if torch.is_grad_enabled():
+                st.follow_trainable()
             st.start_forward(args, kwargs)
             if not st.layout_checked and torch.is_grad_enabled():
                 from vaultkern.core.probe import check_layout

@@ -68,6 +68,8 @@ class _PatchState:
         self.forward_grad = False   # the outermost forward running now records gradients
         self.generic_pending: List[str] = []
         self.bucket_sync = None     # set when the model runs inside DistributedDataParallel
+        self.trainable: list = []   # [(name, parameter)] the readers were attached for
+        self.is_sharded = False     # FSDP2 (known once the runtime is built)
         self._runtime = None  # (capture, mode), built on first use
 
     def __getstate__(self):
@@ -79,12 +81,13 @@ class _PatchState:
     def runtime(self):
         if self._runtime is None:
             capture = Capture(self)
-            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            params = trainable_parameters(self.model)
             if sharded.is_sharded(self.model):  # FSDP2: the layers read unsharded parameters
                 sharded.check_supported(self.model)
                 unsharded = sharded.unsharded_parameters(self.model)
                 params = [(n, unsharded[id(p)]) for n, p in params]
                 capture.stand_ins = set(unsharded)
+                self.is_sharded = True
                 self.bookkeeper.sync = sharded.ShardSync(self.model)
                 # every captured layer's output is a view (an identity node in front of it),
                 # so FSDP would warn on each sharded module's output: a view is only unsafe
@@ -112,6 +115,8 @@ class _PatchState:
             if in_backward():       # a forward recomputed by checkpointing: clip at the end
                 self.bookkeeper.queue()  # of the backward that recomputes it
             elif not self.model_active:  # a submodule called on its own
+                if torch.is_grad_enabled():
+                    self.follow_trainable(refit=False)
                 self.start_forward(args, kwargs)
             mode.__enter__()
         capture.site_stack.append(site)
@@ -148,6 +153,47 @@ class _PatchState:
     def note_generic(self, what: str) -> None:
         self.generic_pending.append(what)
 
+    def follow_trainable(self, refit: bool = True) -> None:
+        """Re-attach the readers if the model's trainable parameters changed since the last
+        forward: a parameter frozen or unfrozen, a module added or replaced, parameters
+        re-assigned (``load_state_dict(assign=True)``, re-tying, PEFT's ``set_adapter``).
+        Without this a newly trainable parameter would get an ordinary gradient and a newly
+        frozen one a clipped gradient that the optimizer, which noises trainable parameters
+        only, applies without noise. Tensors that are not ``nn.Parameter`` swapped in for
+        one call (``torch.func.functional_call``) are left to ``Capture.check_owned``, which
+        refuses them. ``refit=False`` (a submodule called on its own, whose hooks are
+        already running) refuses a change instead."""
+        now = trainable_parameters(self.model)
+        if [n for n, _ in now] == [n for n, _ in self.trainable] and (
+                # FSDP2 swaps its sharded and unsharded tensors in around every forward
+                self.is_sharded or all(p is q for (_, p), (_, q) in zip(now, self.trainable))):
+            return
+        if not all(isinstance(p, nn.Parameter) for _, p in now):
+            return
+        if not refit:
+            raise UnsupportedModuleError(
+                "vaultkern: the model's trainable parameters changed since its last forward "
+                f"({len(self.trainable)} trainable tensors before, {len(now)} now) and a "
+                "submodule is called on its own: run the patched model's own forward once "
+                "after freezing, unfreezing or replacing parameters, so that vaultkern "
+                "attaches to the new set.")
+        if self._runtime is not None and (self.bucket_sync is not None or self.is_sharded):
+            raise UnsupportedModuleError(
+                "vaultkern: the model's trainable parameters changed after it was wrapped in "
+                f"{'FSDP2' if self.is_sharded else 'DistributedDataParallel'} "
+                f"({len(self.trainable)} trainable tensors before, {len(now)} now), whose "
+                "gradient reduction covers the parameters it was set up for. Freeze, unfreeze "
+                "or replace parameters before vk.patch and wrapping.")
+        detach_readers(self.model)
+        self.sites.clear()
+        self.root_site.owned.clear()
+        self.root_reads = False
+        for path, module, owned in _readers(self.model):
+            add_reader(self, path, module, owned)
+        self.trainable = now
+        self._runtime = None
+        self.layout_checked = False  # the new readers' layout is checked too
+
     def start_forward(self, args, kwargs) -> None:
         bk = self.bookkeeper
         if bk._callback_queued or bk._uses:
@@ -183,6 +229,10 @@ def _batch_of(args, kwargs, allow_empty: bool) -> int:
             "vaultkern: empty batch (0 rows). For an empty Poisson batch skip forward/backward and "
             "call optimizer.step() (noise only), or patch with allow_empty_batch=True.")
     return tensor.shape[0]
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _readers(model: nn.Module):
@@ -268,6 +318,7 @@ def patch(model: nn.Module, max_grad_norm: Union[float, Sequence[float]] = 1.0,
     model.register_forward_hook(ModelEnd(state), with_kwargs=True, always_call=True)
     for path, module, owned in readers:
         add_reader(state, path, module, owned)
+    state.trainable = trainable_parameters(model)
     model._vaultkern = state
     return model
 
@@ -285,22 +336,24 @@ def add_reader(state: _PatchState, path: str, module: nn.Module, owned) -> None:
     module.register_forward_hook(ExitCapture(state), with_kwargs=True, always_call=True)
 
 
-_HOOK_TYPES = (EnterCapture, ExitCapture, ModelStart, ModelEnd)
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: no hooks, no state. Returns the model."""
-    state_of(model)
+def detach_readers(model: nn.Module, hook_types=(EnterCapture, ExitCapture)) -> None:
+    """Remove the hooks of ``hook_types`` from every module, and the checkpointing wrappers."""
     for module in model.modules():
         checkpointing = getattr(module, "_gradient_checkpointing_func", None)
         if isinstance(checkpointing, RecomputeUnderCapture):
             module._gradient_checkpointing_func = checkpointing.checkpointing
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
+            for key in [k for k, h in hooks.items() if isinstance(h, hook_types)]:
                 del hooks[key]
                 for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
                               "_forward_hooks_always_called"):
                     getattr(module, extra, {}).pop(key, None)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: no hooks, no state. Returns the model."""
+    state_of(model)
+    detach_readers(model, (EnterCapture, ExitCapture, ModelStart, ModelEnd))
     for p in model.parameters():
         hooks = p._backward_hooks or {}
         for key in [k for k, h in hooks.items() if isinstance(h, UnclippedGradientGuard)]:

@@ -103,6 +103,11 @@ class DPTrainer(Trainer):
                  user_ids: Optional[Sequence] = None, max_rows_per_user: Optional[int] = None,
                  per_example_loss: Optional[PerExampleLoss] = None, **kwargs):
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.fp16:
+            raise ValueError(
+                "DPTrainer with fp16=True is not supported: its GradScaler multiplies every "
+                "example's gradient by the loss scale before the per-example clipping, so the "
+                "examples would be clipped to C / scale. Use bf16=True (no loss scaling).")
         if targs is not None and targs.ddp_find_unused_parameters is None:
             # every trainable parameter is used under vaultkern; with the flag DDP would keep
             # each rank's own clipped sum (vaultkern refuses it)

@@ -77,6 +77,10 @@ class DPOptimizer(Optimizer):
         seed: seed of the reproducible noise; None draws one from os.urandom.
     """
 
+    # torch.amp.GradScaler then leaves the gradients scaled and tells step() so (found_inf),
+    # which is how a scaled loss is noticed and refused (see step)
+    _step_supports_amp_scaling = True
+
     def __init__(self, optimizer: Optimizer, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float], loss_reduction: str = "mean",
                  secure_mode: bool = False, seed: Optional[int] = None):
@@ -166,7 +170,7 @@ class DPOptimizer(Optimizer):
         return out
 
     @property
-    def grad_scale(self) -> float:
+    def update_scale(self) -> float:
         return 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
 
     @property
@@ -207,6 +211,17 @@ class DPOptimizer(Optimizer):
 
         One host-device synchronisation for all parameters (not one per parameter); under
         FSDP2 each rank checks its shards and every rank raises if any rank found one."""
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and not p.requires_grad:
+                    # the wrapped optimizer updates every parameter with a gradient, but
+                    # only trainable ones are noised: this one would move without noise
+                    raise RuntimeError(
+                        f"parameter {index} of a param group (shape {tuple(p.shape)}) has a "
+                        "gradient but requires_grad=False (frozen after its gradient was "
+                        "computed): it would be updated without noise. Clear its gradient "
+                        "(p.grad = None, or optimizer.zero_grad()) when freezing it; "
+                        "optimizer step not taken, parameters unchanged")
         params = self.params
         with_grad = [(index, p) for index, p in enumerate(params) if p.grad is not None]
         for index, p in with_grad:
@@ -240,7 +255,7 @@ class DPOptimizer(Optimizer):
         only, offset_k = the number of elements of the parameters before it. A shard of
         an FSDP2 gradient is noised with the counters of its place in the full tensor, so
         the ranks together add exactly the single-process noise."""
-        std, scale = self.noise_std, self.grad_scale
+        std, scale = self.noise_std, self.update_scale
         params = self.params
         for p in params:
             if p.grad is None:
@@ -294,6 +309,15 @@ class DPOptimizer(Optimizer):
         return True
 
     def step(self, closure: Optional[Callable[[], float]] = None):
+        if getattr(self, "found_inf", None) is not None:
+            for name in ("found_inf", "grad_scale"):  # GradScaler deletes them only after a step
+                self.__dict__.pop(name, None)
+            raise RuntimeError(
+                "DPOptimizer under torch.amp.GradScaler: the scaled loss multiplies every "
+                "example's gradient by the loss scale before vaultkern clips it, so each "
+                "example would be clipped to C / scale and the update shrunk by that factor. "
+                "Loss scaling (fp16 mixed precision) is not supported: use bf16 autocast, "
+                "which needs no GradScaler. Optimizer step not taken, parameters unchanged")
         loss = None
         if closure is not None:
             with torch.enable_grad():
