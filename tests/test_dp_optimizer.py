@@ -1,5 +1,6 @@
 """DPOptimizer: noise statistics, reproducibility, checks, state."""
 import copy
+import functools
 import math
 
 import pytest
@@ -10,6 +11,9 @@ from vaultkern.backend import extension
 from vaultkern.ops.noise import noisy_scale
 from vaultkern.privacy.optimizer import DPOptimizer
 
+# the tests set the gradients of bare parameters by hand: no patched model owns them
+bare_dp = functools.partial(DPOptimizer, require_patched=False)
+
 # 1e6 draws: the sample std has relative sd 1/sqrt(2e6) = 0.07 %, so a 1 % tolerance is
 # 14 sd wide and a 2 % error in the std lands 14 sd outside it (seeded: deterministic too)
 N_ELEMENTS = 1_000_000
@@ -18,7 +22,7 @@ N_ELEMENTS = 1_000_000
 def noise_after_one_step(sigma, clip, batch, reduction, seed=0):
     """The update of an SGD(lr=1) step on a parameter that got no gradient."""
     p = nn.Parameter(torch.zeros(N_ELEMENTS, dtype=torch.float64))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
                       expected_batch_size=batch, loss_reduction=reduction, seed=seed)
     opt.step()
     return -p.detach()
@@ -40,7 +44,7 @@ def test_noise_is_reproducible_per_seed_step_and_parameter():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
     p, r = nn.Parameter(torch.zeros(1000)), nn.Parameter(torch.zeros(1000))
-    opt = DPOptimizer(torch.optim.SGD([p, r], lr=1.0), 2.0, 0.5, expected_batch_size=10, seed=1)
+    opt = bare_dp(torch.optim.SGD([p, r], lr=1.0), 2.0, 0.5, expected_batch_size=10, seed=1)
     opt.step()
     step0_p, step0_r = -p.detach().clone(), -r.detach().clone()
     assert not torch.allclose(step0_p, step0_r)  # parameters get independent noise
@@ -56,7 +60,7 @@ def test_noise_is_reproducible_per_seed_step_and_parameter():
 
 def test_clipped_sum_is_noised_and_scaled():
     p = nn.Parameter(torch.zeros(3))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, expected_batch_size=4)
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, expected_batch_size=4)
     p.grad = torch.tensor([4.0, -8.0, 2.0])
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([-1.0, 2.0, -0.5]))
@@ -68,7 +72,7 @@ def test_every_trainable_parameter_gets_noise_frozen_ones_do_not():
     n = 200_000  # sample std of n normals: relative sd 0.16 %; 3 % tolerance = 19 sd
     used, unused = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(n))
     frozen = nn.Parameter(torch.zeros(50), requires_grad=False)
-    opt = DPOptimizer(torch.optim.SGD([used, unused, frozen], lr=1.0), 1.0, 1.0,
+    opt = bare_dp(torch.optim.SGD([used, unused, frozen], lr=1.0), 1.0, 1.0,
                       expected_batch_size=2, seed=0)
     used.grad = torch.ones(n)
     opt.step()
@@ -81,8 +85,8 @@ def test_every_trainable_parameter_gets_noise_frozen_ones_do_not():
 def test_secure_mode_with_seed_is_an_error_and_secure_noise_needs_the_extension():
     p = nn.Parameter(torch.zeros(20_000))
     with pytest.raises(ValueError, match="seed=3 with secure_mode"):
-        DPOptimizer(torch.optim.SGD([p], lr=1.0), 1.0, 1.0, 4, secure_mode=True, seed=3)
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 1.0, 1.0, 4, secure_mode=True)
+        bare_dp(torch.optim.SGD([p], lr=1.0), 1.0, 1.0, 4, secure_mode=True, seed=3)
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 1.0, 1.0, 4, secure_mode=True)
     assert opt.seed is None and opt.state_dict()["vaultkern_dp"]["seed"] is None
     ext = extension()
     if ext is None or not hasattr(ext, "secure_noisy_scale"):
@@ -99,7 +103,7 @@ def test_secure_mode_with_seed_is_an_error_and_secure_noise_needs_the_extension(
 def test_non_finite_gradient_raises_and_changes_nothing():
     p, r = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
     calls = []
-    opt = DPOptimizer(torch.optim.SGD([p, r], lr=1.0), 1.0, 1.0, 2, seed=0)
+    opt = bare_dp(torch.optim.SGD([p, r], lr=1.0), 1.0, 1.0, 2, seed=0)
     opt.attach_step_hook(lambda o: calls.append(o.steps_taken))
     p.grad = torch.ones(4)
     r.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
@@ -116,7 +120,7 @@ def test_loss_scaling_with_grad_scaler_is_refused_and_changes_nothing():
     """A scaled loss scales every example's gradient before it is clipped, so the clipped
     update would be `scale` times too small; GradScaler(enabled=False) is fine."""
     p = nn.Parameter(torch.ones(4))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, 2, seed=0)
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, 2, seed=0)
     for unscale_first in (False, True):
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         scaler.scale(p.sum()).backward()
@@ -134,7 +138,7 @@ def test_loss_scaling_with_grad_scaler_is_refused_and_changes_nothing():
 
 def test_skipped_micro_steps_keep_accumulating():
     p = nn.Parameter(torch.zeros(2))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, expected_batch_size=2)
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, expected_batch_size=2)
     calls = []
     opt.attach_step_hook(lambda o: calls.append(1))
     p.grad = torch.tensor([1.0, 2.0])
@@ -155,7 +159,7 @@ def test_state_dict_round_trip_resumes_identically():
 
     def make():
         p = nn.Parameter(init.clone())
-        return p, DPOptimizer(torch.optim.SGD([p], lr=0.1, momentum=0.9), 1.0, 1.0, 5,
+        return p, bare_dp(torch.optim.SGD([p], lr=0.1, momentum=0.9), 1.0, 1.0, 5,
                               seed=None)
 
     p, opt = make()
@@ -177,7 +181,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 def test_works_with_lr_schedulers_and_closures():
     p = nn.Parameter(torch.zeros(3))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, 1, loss_reduction="sum")
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, 1, loss_reduction="sum")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
 
     def closure():
@@ -200,12 +204,12 @@ def test_bad_arguments(kwargs, match):
     args = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        DPOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), **args)
+        bare_dp(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), **args)
 
 
 def test_sum_reduction_needs_no_batch_size():
     p = nn.Parameter(torch.zeros(2))
-    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, None, loss_reduction="sum")
+    opt = bare_dp(torch.optim.SGD([p], lr=1.0), 0.0, 1.0, None, loss_reduction="sum")
     p.grad = torch.tensor([3.0, 4.0])
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([-3.0, -4.0]))

@@ -134,3 +134,26 @@ def test_a_submodule_called_on_its_own_after_a_change_is_refused():
     with pytest.raises(vk.UnsupportedModuleError, match="called on its own"):
         m.blocks[0](h)
     assert_step_exact(m, ids(seed=1))
+
+
+def test_a_gradient_no_patched_model_owns_is_refused():
+    """A head (or a loss with weights) applied outside the model given to vk.patch gets an
+    ordinary, unclipped gradient: DPOptimizer refuses to step it, before anything changes.
+    PrivacyEngine refuses the same optimizer at make_private."""
+    torch.manual_seed(0)
+    encoder, head = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 3)
+    vk.patch(encoder, max_grad_norm=1.0, loss_reduction="mean")
+    opt = vk.DPOptimizer(torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+                         noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8, seed=0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(head(encoder(x)), y).backward()
+    before = [p.detach().clone() for p in [*encoder.parameters(), *head.parameters()]]
+    with pytest.raises(RuntimeError, match=r"shape \(3, 8\).*did not clip"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, [*encoder.parameters(), *head.parameters()]))
+    with pytest.raises(ValueError, match="not in the module"):
+        vk.PrivacyEngine().make_private(
+            module=vk.unpatch(encoder), optimizer=torch.optim.SGD(
+                [*encoder.parameters(), *head.parameters()], lr=0.1),
+            data_loader=torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4),
+            noise_multiplier=1.0, max_grad_norm=1.0)

@@ -39,6 +39,11 @@ class UnclippedGradientGuard:
             "parameters inside the patched model's forward, with torch operations.")
 
 
+def is_clipped(p: torch.Tensor) -> bool:
+    """Is ``p`` a trainable parameter of a patched model (its gradients are clipped sums)?"""
+    return any(isinstance(h, UnclippedGradientGuard) for h in (p._backward_hooks or {}).values())
+
+
 class EnterCapture:
     """Forward pre-hook of a module that reads trainable parameters."""
 

@@ -32,7 +32,7 @@ from vaultkern.core import refusals, sharded
 from vaultkern.core.errors import UnsupportedModuleError
 from vaultkern.core.forward_hooks import (EnterCapture, ExitCapture, ModelEnd, ModelStart,
                                          RecomputeUnderCapture, UnclippedGradientGuard,
-                                         in_backward)
+                                         in_backward, is_clipped)
 from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
@@ -98,9 +98,14 @@ class _PatchState:
             if self.bookkeeper.clipping == "per_layer":
                 self.bookkeeper.thresholds = thresholds_for(
                     [p for _, p in params], self.bookkeeper.max_grad_norm)
-            for name, p in params:
-                hooks = (p._backward_hooks or {}).values()
-                if not any(isinstance(h, UnclippedGradientGuard) for h in hooks):
+            # the parameters the optimizer holds carry it too (FSDP2's sharded ones): it
+            # is how DPOptimizer knows their gradients are clipped sums
+            held = trainable_parameters(self.model)
+            if self.is_sharded:
+                sharded_of = sharded.sharded_parameters(self.model)
+                held = [(n, sharded_of[id(p)]) for n, p in held]
+            for name, p in params + held:
+                if not is_clipped(p):
                     p.register_hook(UnclippedGradientGuard(name))
             self._runtime = (capture, CaptureMode(capture))
         return self._runtime

@@ -112,6 +112,11 @@ def unsharded_parameters(model: nn.Module) -> Dict[int, nn.Parameter]:
     return {id(p): fp.unsharded_param for fp in records for p in _both(fp)}
 
 
+def sharded_parameters(model: nn.Module) -> Dict[int, nn.Parameter]:
+    """{id(sharded or unsharded parameter): the sharded parameter} (what the optimizer holds)."""
+    return {id(p): fp.sharded_param for fp in fsdp_params(model) for p in _both(fp)}
+
+
 def _both(fp) -> list:
     """A parameter's sharded and (once created) unsharded objects: a module holds the
     unsharded one while FSDP has it all-gathered (inside the forward of an FSDP module)."""

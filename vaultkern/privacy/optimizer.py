@@ -44,6 +44,7 @@ import torch
 from torch.optim import Optimizer
 
 from vaultkern.core.distributed import is_distributed, shared_random_seed
+from vaultkern.core.forward_hooks import is_clipped
 from vaultkern.core.sharded import is_sharded_tensor, local_shard, max_over_ranks
 from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
@@ -75,6 +76,9 @@ class DPOptimizer(Optimizer):
         loss_reduction: "mean" (divide by B̄) or "sum" (no scaling).
         secure_mode: ChaCha20 noise from the C++ extension (no seed allowed).
         seed: seed of the reproducible noise; None draws one from os.urandom.
+        require_patched: refuse a gradient on a parameter that no patched model owns (it
+            was not clipped: a loss-side layer outside the model given to ``vk.patch``);
+            False only for gradients clipped by other means.
     """
 
     # torch.amp.GradScaler then leaves the gradients scaled and tells step() so (found_inf),
@@ -83,7 +87,8 @@ class DPOptimizer(Optimizer):
 
     def __init__(self, optimizer: Optimizer, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float], loss_reduction: str = "mean",
-                 secure_mode: bool = False, seed: Optional[int] = None):
+                 secure_mode: bool = False, seed: Optional[int] = None,
+                 require_patched: bool = True):
         if isinstance(optimizer, DPOptimizer):
             raise TypeError("optimizer is already a DPOptimizer; wrap the original optimizer")
         if not isinstance(optimizer, Optimizer):
@@ -104,6 +109,7 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = (None if expected_batch_size is None
                                     else float(expected_batch_size))
         self.loss_reduction = loss_reduction
+        self.require_patched = bool(require_patched)
         self.secure_mode = bool(secure_mode)
         # without a seed, rank 0's random seed on every rank: replicas draw the same noise
         self.seed = None if secure_mode else (int(seed) if seed is not None else shared_random_seed())
@@ -213,6 +219,14 @@ class DPOptimizer(Optimizer):
         FSDP2 each rank checks its shards and every rank raises if any rank found one."""
         for group in self.param_groups:
             for index, p in enumerate(group["params"]):
+                if p.grad is not None and p.requires_grad and self.require_patched and (
+                        not is_clipped(p)):
+                    raise RuntimeError(
+                        f"parameter {index} of a param group (shape {tuple(p.shape)}) has a "
+                        "gradient that vaultkern did not clip: no patched model owns it (a "
+                        "layer applied outside the model given to vk.patch, e.g. a head or a "
+                        "loss with weights). Put it inside the patched model (or patch the "
+                        "module holding both); optimizer step not taken, parameters unchanged")
                 if p.grad is not None and not p.requires_grad:
                     # the wrapped optimizer updates every parameter with a gradient, but
                     # only trainable ones are noised: this one would move without noise
