@@ -12,7 +12,7 @@ import vaultkern as vk
 from oracle import clip_and_sum, per_example_grads, rel_err
 
 V = 61  # vocabulary of every tiny model
-_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
+_DROPOUTS = ("residual_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
              "hidden_dropout", "activation_dropout", "resid_dropout", "embed_dropout")
 
 

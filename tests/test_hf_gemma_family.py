@@ -1,6 +1,7 @@
 """The Gemma family as users bring it from transformers (tiny configs, nothing downloaded):
 Gemma 4 and Gemma 3n text decoders with their per-layer inputs, shared KV layers and
-logit soft-capping, Gemma 3's multimodal class used for text, and T5Gemma 2. Exact against
+logit soft-capping, Gemma 3's multimodal class used for text, PaliGemma's prefix-LM
+fine-tuning, EmbeddingGemma 2's bidirectional encoder, and T5Gemma 2. Exact against
 the float64 per-example oracle, or refused naming the module."""
 import pytest
 import torch
@@ -160,6 +161,59 @@ def test_gemma3_with_images_is_exact(attn):
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
                                reduction="none").sum(1)
     assert_exact(model, (ids, pixels), loss)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_paligemma_prefix_lm_fine_tuning_is_exact(attn):
+    """PaliGemma as its docs fine-tune it: image tokens and a prefix attended bidirectionally
+    (token_type_ids 0), the suffix trained (labels -100 elsewhere), one row padded."""
+    image, n_img = V - 1, 4
+    cfg = transformers.PaliGemmaConfig(
+        text_config={**{k: v for k, v in _TEXT.items() if k != "sliding_window"},  # Gemma 1: none
+                     "model_type": "gemma"}, image_token_index=image, projection_dim=16,
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=24,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                           patch_size=4))
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).double().train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((3, n_img), image), torch.randint(3, V - 1, (3, 6), generator=g)], 1)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    suffix = torch.zeros_like(ids)
+    suffix[:, n_img + 3:] = 1
+    labels = ids.masked_fill((suffix == 0) | (mask == 0), -100)
+    pixels = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def loss(m, b):
+        ids, mask, suffix, labels, pixels = b
+        logits = m(input_ids=ids, attention_mask=mask, token_type_ids=suffix,
+                   pixel_values=pixels).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",
+                               ignore_index=-100).sum(1)
+    assert_exact(model, (ids, mask, suffix, labels, pixels), loss)
+
+
+def test_embedding_gemma2_text_encoder_is_exact():
+    """EmbeddingGemma 2's encoder (bidirectional, sliding and full layers, projection-only
+    per-layer inputs) trained on a per-example loss of its mean-pooled embedding, one row padded."""
+    cfg = transformers.EmbeddingGemma2TextConfig(**dict(_TEXT, hidden_size_per_layer_input=8,
+                                                        embedding_dim=12))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.EmbeddingGemma2TextModel(cfg).double().train()
+    ids, mask, _ = batch(B=3, T=7)
+    target = F.normalize(torch.randn(3, 12, generator=torch.Generator().manual_seed(2),
+                                     dtype=torch.float64), dim=-1)
+
+    def loss(m, b):
+        ids, mask, target = b
+        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return 1 - (F.normalize(pooled, dim=-1) * target).sum(-1)
+    assert_exact(model, (ids, mask, target), loss)
 
 
 def test_t5gemma2_encoder_decoder_is_exact():
