@@ -23,8 +23,12 @@ def per_example_grads(model: nn.Module, batch: Tuple[torch.Tensor, ...],
     ref = copy.deepcopy(model).double()
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     params = [p for n, p in ref.named_parameters() if p.requires_grad]
+    start = [(b, b.detach().clone()) for b in ref.buffers()]
     out = []
     for i in range(batch[0].shape[0]):
+        with torch.no_grad():  # each example from the buffers the batch's forward starts from
+            for b, v in start:  # (a forward may update one in place: spectral norm's u, v)
+                b.copy_(v)
         row = tuple(t[i:i + 1].double() if t.is_floating_point() else t[i:i + 1] for t in batch)
         loss = per_example_loss(ref, row).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -1,5 +1,7 @@
 """The first forward's layout check on plain PyTorch models: patterns where rows are not
 examples are refused naming the module, legal ones stay exact (float64 oracle)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -301,3 +303,21 @@ def test_one_layer_reading_a_table_and_the_data_is_refused():
     with pytest.raises(vk.BatchLayoutError, match=r"'proj'.*does not grow with the batch"):
         model(x, features).square().sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("B", [3, 4])
+def test_a_forward_that_updates_a_buffer_in_place_is_exact(B):
+    """Spectral norm's power iteration updates its u, v buffers in every training forward.
+    Each probe forward starts from the same buffers (refused before: the second forward's
+    normalisation input differed and looked data-dependent), and the model's own forward
+    updates them once, as without vaultkern."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(D, 5)), nn.Tanh(),
+                          nn.Linear(5, 3)).double()
+    x = torch.randn(B, 4, D, dtype=torch.float64)
+    unpatched = copy.deepcopy(model)
+    with torch.no_grad():
+        unpatched(x)
+    assert_sum_loss_exact(model, x)
+    for b, want in zip(model.buffers(), unpatched.buffers()):
+        assert torch.equal(b, want)

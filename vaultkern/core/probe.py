@@ -4,7 +4,7 @@ Shapes cannot tell a model that works in ``[T, B, d]`` with T == B from one in
 ``[B, T, d]``; dependence can. Before the first grad-enabled forward of a patched
 model, extra forwards run without gradients (up to six), each from the same random
 state of torch, NumPy and Python's random (dropout and wav2vec2's SpecAugment draw the
-same masks), with the buffers restored afterwards:
+same masks) and from the same buffers (restored after each):
 
 1. the batch as given, and
 2. the batch with one set of examples changed, for each of: example 0, the
@@ -91,6 +91,14 @@ class _Probe:
         self.derived: dict = {}  # id -> values computed from trainable parameters alone
         self.constants: dict = {}  # id -> tensors made in the forward from no data or parameter
         self.new_readers = {}
+        # every run starts from the buffers as they were (a forward that updates one in
+        # place, e.g. spectral norm's power iteration, would otherwise look data-dependent)
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore_buffers(self) -> None:
+        with torch.no_grad():
+            for b, v in self.buffers:
+                b.copy_(v)
 
     def pre(self, module, args):
         if any(isinstance(a, PackedSequence) for a in args) and any(
@@ -207,6 +215,7 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _Observe(probe):
             call(*args, **kwargs)
     finally:
+        probe.restore_buffers()
         random.setstate(states[0])
         np.random.set_state(states[1])
         pre.remove()
@@ -245,7 +254,6 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
         return
     state.layout_checked = True
     probe = _Probe(state, model)
-    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     state.probing = True
     try:
         first = _run(probe, model, args, kwargs)
@@ -262,9 +270,6 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
             _run(probe, model, args, kwargs)
     finally:
         state.probing = False
-        with torch.no_grad():
-            for b, v in saved_buffers:
-                b.copy_(v)
     for m in probe.new_readers.values():
         add_reader(state, probe.paths[id(m)], m, set())
     for examples, second in runs:
