@@ -157,3 +157,23 @@ def test_a_gradient_no_patched_model_owns_is_refused():
                 [*encoder.parameters(), *head.parameters()], lr=0.1),
             data_loader=torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4),
             noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("hook", ["mask", "optimizer_in_backward"])
+def test_a_gradient_hook_on_a_parameter_is_refused_naming_it(hook):
+    """A mask hook (train only new token rows) saw no gradient and was lost: the rows meant
+    to stay frozen trained, without an error; an optimizer step in a post-accumulate hook ran
+    on p.grad = None. Both are refused at the forward, before any gradient is written."""
+    m = untied()
+    vk.patch(m, max_grad_norm=C)
+    assert_step_exact(m, ids())
+    if hook == "mask":
+        rows = torch.zeros(m.embed.weight.shape[0], 1, dtype=torch.float64)
+        rows[-3:] = 1
+        m.embed.weight.register_hook(lambda g: g * rows)
+    else:
+        opt = torch.optim.SGD([m.head.weight], lr=0.1)
+        m.head.weight.register_post_accumulate_grad_hook(lambda p: (opt.step(), opt.zero_grad()))
+    with pytest.raises(vk.UnsupportedModuleError, match=r"'(embed|head)\.weight' has a gradient hook"):
+        lm_loss(m, ids(seed=1))
+    assert all(p.grad is None for p in m.parameters())

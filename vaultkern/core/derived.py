@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError
+from vaultkern.core.errors import BatchLayoutError, UnclippedGradientError, UnsupportedModuleError
 
 
 class Tracked:
@@ -101,6 +101,12 @@ def derive(cap, func, leaves, entries, spec):
         return out  # shapes, sizes: no gradient to carry
     if not carries_gradient(out):
         return out  # comparisons, indices
+    if out.layout != torch.strided:  # no per-example rule (nor torch.func) for sparse ones
+        raise UnsupportedModuleError(
+            f"vaultkern: {getattr(func, '__name__', func)} in {cap.site().describe()} makes a "
+            "sparse tensor from trainable parameters: per-example gradients of sparse "
+            "operations are not supported (PEFT's ShiRA and FRoD keep their trainable values "
+            "in sparse matrices). Densify it (.to_dense()) or freeze the module.")
     used = [e for e in entries if e is not None]
     roots = tuple({id(r): r for e in used for r in e.roots}.values())
     alias = None

@@ -6,7 +6,7 @@ reaching it is refused). All are plain objects, so a patched model deep-copies a
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -42,6 +42,15 @@ class UnclippedGradientGuard:
 def is_clipped(p: torch.Tensor) -> bool:
     """Is ``p`` a trainable parameter of a patched model (its gradients are clipped sums)?"""
     return any(isinstance(h, UnclippedGradientGuard) for h in (p._backward_hooks or {}).values())
+
+
+def foreign_gradient_hook(p: torch.Tensor) -> Optional[str]:
+    """How ``p`` carries a gradient hook that is not vaultkern's, or None."""
+    if any(not isinstance(h, UnclippedGradientGuard) for h in (p._backward_hooks or {}).values()):
+        return "register_hook"
+    if getattr(p, "_post_accumulate_grad_hooks", None):
+        return "register_post_accumulate_grad_hook"
+    return None
 
 
 class EnterCapture:

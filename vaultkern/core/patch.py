@@ -32,7 +32,7 @@ from vaultkern.core import refusals, sharded
 from vaultkern.core.errors import UnsupportedModuleError
 from vaultkern.core.forward_hooks import (EnterCapture, ExitCapture, ModelEnd, ModelStart,
                                          RecomputeUnderCapture, UnclippedGradientGuard,
-                                         in_backward, is_clipped)
+                                         foreign_gradient_hook, in_backward, is_clipped)
 from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
@@ -169,6 +169,16 @@ class _PatchState:
         refuses them. ``refit=False`` (a submodule called on its own, whose hooks are
         already running) refuses a change instead."""
         now = trainable_parameters(self.model)
+        for name, p in now:
+            if (kind := foreign_gradient_hook(p)) is not None:
+                raise UnsupportedModuleError(
+                    f"vaultkern: parameter '{name}' has a gradient hook ({kind}), which vaultkern "
+                    "cannot honour: each parameter gets its clipped per-example sum once, after "
+                    "the backward, so the hook would see no per-example gradient (a mask or "
+                    "projection meant before clipping would be lost: rows meant to stay frozen "
+                    "would train) and an optimizer step inside the backward would take no or "
+                    "unnoised gradients. Express it in the forward (multiply the weight by a mask, "
+                    "or split the parameter into a frozen and a trainable part) or remove it.")
         if [n for n, _ in now] == [n for n, _ in self.trainable] and (
                 # FSDP2 swaps its sharded and unsharded tensors in around every forward
                 self.is_sharded or all(p is q for (_, p), (_, q) in zip(now, self.trainable))):

@@ -56,7 +56,7 @@ from torch.utils._pytree import tree_flatten
 from vaultkern.core import handlers
 from vaultkern.core.capture import (DETACHING, IN_PLACE, UNGROWN, mutates_first_argument,
                                     ungrown_key)
-from vaultkern.core.errors import BatchLayoutError
+from vaultkern.core.errors import BatchLayoutError, UnsupportedModuleError
 from vaultkern.core.probe_inputs import example_sets, grown_batch, perturbed
 from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 
@@ -182,6 +182,12 @@ class _Probe:
         inputs = None if example_major is None else example_major(cap, func, args, kwargs, leaves)
         if inputs is None:
             inputs = cap.call_inputs(leaves)
+        if any(x.layout != torch.strided for x in inputs):  # no per-example rule or torch.func
+            raise UnsupportedModuleError(
+                f"vaultkern: in module '{where or '<root>'}', a sparse tensor meets a trainable "
+                f"parameter ({getattr(func, '__name__', repr(func))}): per-example gradients "
+                "of sparse operations are not supported (PEFT's FRoD keeps its trainable "
+                "values in a sparse matrix). Densify it (.to_dense()) or freeze the module.")
         batched = [cap.is_batched(x) for x in inputs]
         # the capture runs ``h += b`` as ``h + b`` (capture._IN_PLACE): recorded under that name
         name = getattr(IN_PLACE.get(func, func), "__name__", repr(func))
