@@ -177,3 +177,39 @@ def test_a_gradient_hook_on_a_parameter_is_refused_naming_it(hook):
     with pytest.raises(vk.UnsupportedModuleError, match=r"'(embed|head)\.weight' has a gradient hook"):
         lm_loss(m, ids(seed=1))
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_separately_patched_models_in_one_step_are_refused():
+    """An encoder and a head patched separately each clipped its part of an example's
+    gradient to C: together √2·C, with noise for C, and no error before. DPOptimizer refuses
+    gradients from two patches; a parameter trainable in both is refused at the forward."""
+    torch.manual_seed(0)
+    encoder, head = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 3)
+    vk.patch(encoder, max_grad_norm=1.0)
+    vk.patch(head, max_grad_norm=1.0)
+    opt = vk.DPOptimizer(torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+                         noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1, seed=0)
+    head(encoder(10 * torch.randn(1, 4))).square().sum().backward()
+    total = sum(float(p.grad.square().sum()) for p in [*encoder.parameters(), *head.parameters()])
+    assert total ** 0.5 == pytest.approx(2 ** 0.5, rel=1e-4)  # what would have been stepped
+    with pytest.raises(RuntimeError, match="2 separately patched models"):
+        opt.step()
+    shared = nn.Linear(4, 4)
+    first, second = (nn.Sequential(shared, nn.Tanh(), nn.Linear(4, 2)) for _ in range(2))
+    vk.patch(first)
+    vk.patch(second)
+    with pytest.raises(vk.UnsupportedModuleError, match=r"'0\.weight' is trainable in two"):
+        first(torch.randn(3, 4))  # the shared layer runs the hooks of both patches
+
+
+def test_an_optimizer_holding_part_of_the_patched_model_warns_naming_the_rest():
+    """The head's clipped sum would be stepped by a plain optimizer without noise: warned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    vk.patch(model)
+    opt = vk.DPOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=4, seed=0)
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.warns(UserWarning, match=r"2 trainable parameters .* not in this DPOptimizer "
+                                         r"\(e\.g\. '2\.weight'\)"):
+        opt.step()

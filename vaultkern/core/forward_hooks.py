@@ -24,8 +24,11 @@ def in_backward() -> bool:
 
 
 class UnclippedGradientGuard:
-    def __init__(self, name: str):
-        self.name = name
+    """On every trainable parameter of a patched model: refuses an ordinary gradient, and
+    says which patch (``owner``) clips the parameter's gradients."""
+
+    def __init__(self, name: str, owner):
+        self.name, self.owner = name, owner
 
     def __call__(self, grad):
         if grad is None:
@@ -39,9 +42,10 @@ class UnclippedGradientGuard:
             "parameters inside the patched model's forward, with torch operations.")
 
 
-def is_clipped(p: torch.Tensor) -> bool:
-    """Is ``p`` a trainable parameter of a patched model (its gradients are clipped sums)?"""
-    return any(isinstance(h, UnclippedGradientGuard) for h in (p._backward_hooks or {}).values())
+def clipped_by(p: torch.Tensor):
+    """The patch whose clipped sums ``p``'s gradients are, or None (no patched model owns it)."""
+    return next((h.owner for h in (p._backward_hooks or {}).values()
+                 if isinstance(h, UnclippedGradientGuard)), None)
 
 
 def foreign_gradient_hook(p: torch.Tensor) -> Optional[str]:

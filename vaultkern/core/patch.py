@@ -32,7 +32,7 @@ from vaultkern.core import refusals, sharded
 from vaultkern.core.errors import UnsupportedModuleError
 from vaultkern.core.forward_hooks import (EnterCapture, ExitCapture, ModelEnd, ModelStart,
                                          RecomputeUnderCapture, UnclippedGradientGuard,
-                                         foreign_gradient_hook, in_backward, is_clipped)
+                                         clipped_by, foreign_gradient_hook, in_backward)
 from vaultkern.core.queries import state_of
 from vaultkern.core.site import Site
 
@@ -70,6 +70,7 @@ class _PatchState:
         self.bucket_sync = None     # set when the model runs inside DistributedDataParallel
         self.trainable: list = []   # [(name, parameter)] the readers were attached for
         self.is_sharded = False     # FSDP2 (known once the runtime is built)
+        self.held: list = []  # the trainable parameters as an optimizer holds them
         self._runtime = None  # (capture, mode), built on first use
 
     def __getstate__(self):
@@ -105,8 +106,16 @@ class _PatchState:
                 sharded_of = sharded.sharded_parameters(self.model)
                 held = [(n, sharded_of[id(p)]) for n, p in held]
             for name, p in params + held:
-                if not is_clipped(p):
-                    p.register_hook(UnclippedGradientGuard(name))
+                owner = clipped_by(p)
+                if owner is None:
+                    p.register_hook(UnclippedGradientGuard(name, self))
+                elif owner is not self:
+                    raise UnsupportedModuleError(
+                        f"vaultkern: parameter '{name}' is trainable in two patched models: "
+                        "each clips its own part of an example's gradient to C, so together "
+                        "they let one example move the sum by more than C while the noise is "
+                        "calibrated to C. Patch the one module that holds both, once.")
+            self.held = held  # [(name, parameter)] as the optimizer holds them
             self._runtime = (capture, CaptureMode(capture))
         return self._runtime
 

@@ -38,13 +38,14 @@ expected size B̄, so it does not.)
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, List, Optional
 
 import torch
 from torch.optim import Optimizer
 
 from vaultkern.core.distributed import is_distributed, shared_random_seed
-from vaultkern.core.forward_hooks import is_clipped
+from vaultkern.core.forward_hooks import clipped_by
 from vaultkern.core.sharded import is_sharded_tensor, local_shard, max_over_ranks
 from vaultkern.ops.noise import noisy_scale_many, secure_noisy_scale
 
@@ -110,6 +111,7 @@ class DPOptimizer(Optimizer):
                                     else float(expected_batch_size))
         self.loss_reduction = loss_reduction
         self.require_patched = bool(require_patched)
+        self._coverage_checked = False
         self.secure_mode = bool(secure_mode)
         # without a seed, rank 0's random seed on every rank: replicas draw the same noise
         self.seed = None if secure_mode else (int(seed) if seed is not None else shared_random_seed())
@@ -212,30 +214,55 @@ class DPOptimizer(Optimizer):
             return
         self.original_optimizer.zero_grad(set_to_none)
 
+    def check_clipping(self) -> None:
+        """Raise unless every gradient is a clipped sum of one patched model's backward."""
+        owners = {}
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                which = f"parameter {index} of a param group (shape {tuple(p.shape)})"
+                if not p.requires_grad:  # the wrapped optimizer would step it, unnoised
+                    raise RuntimeError(
+                        f"{which} has a gradient but requires_grad=False (frozen after its "
+                        "gradient was computed): it would be updated without noise. Clear its "
+                        "gradient (p.grad = None, or optimizer.zero_grad()) when freezing it; "
+                        "optimizer step not taken, parameters unchanged")
+                owner = clipped_by(p)
+                if owner is None and self.require_patched:
+                    raise RuntimeError(
+                        f"{which} has a gradient that vaultkern did not clip: no patched model "
+                        "owns it (a layer applied outside the model given to vk.patch, e.g. a "
+                        "head or a loss with weights). Put it inside the patched model (or "
+                        "patch the module holding both); optimizer step not taken, parameters "
+                        "unchanged")
+                if owner is not None:
+                    owners[id(owner)] = owner
+        if len(owners) > 1:
+            raise RuntimeError(
+                f"the gradients come from {len(owners)} separately patched models: each "
+                "clipped its own part of an example's gradient to C, so together one example "
+                "moves the sum by up to C·√(their number) while the noise is calibrated to C. "
+                "Patch the one module that holds them all, once; optimizer step not taken, "
+                "parameters unchanged")
+        if owners and not self._coverage_checked:
+            self._coverage_checked = True
+            covered = {id(p) for p in self.params}
+            missing = [n for n, p in next(iter(owners.values())).held
+                       if p.grad is not None and id(p) not in covered]
+            if missing:
+                warnings.warn(
+                    f"vaultkern: {len(missing)} trainable parameters of the patched model have "
+                    f"clipped gradients but are not in this DPOptimizer (e.g. '{missing[0]}'): "
+                    "another optimizer that steps them applies them without noise. Freeze them "
+                    "(requires_grad_(False)) or give them to this optimizer.", stacklevel=5)
+
     def check_gradients(self) -> None:
         """Raise if any gradient is sparse or not finite (nothing is modified).
 
         One host-device synchronisation for all parameters (not one per parameter); under
         FSDP2 each rank checks its shards and every rank raises if any rank found one."""
-        for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None and p.requires_grad and self.require_patched and (
-                        not is_clipped(p)):
-                    raise RuntimeError(
-                        f"parameter {index} of a param group (shape {tuple(p.shape)}) has a "
-                        "gradient that vaultkern did not clip: no patched model owns it (a "
-                        "layer applied outside the model given to vk.patch, e.g. a head or a "
-                        "loss with weights). Put it inside the patched model (or patch the "
-                        "module holding both); optimizer step not taken, parameters unchanged")
-                if p.grad is not None and not p.requires_grad:
-                    # the wrapped optimizer updates every parameter with a gradient, but
-                    # only trainable ones are noised: this one would move without noise
-                    raise RuntimeError(
-                        f"parameter {index} of a param group (shape {tuple(p.shape)}) has a "
-                        "gradient but requires_grad=False (frozen after its gradient was "
-                        "computed): it would be updated without noise. Clear its gradient "
-                        "(p.grad = None, or optimizer.zero_grad()) when freezing it; "
-                        "optimizer step not taken, parameters unchanged")
+        self.check_clipping()
         params = self.params
         with_grad = [(index, p) for index, p in enumerate(params) if p.grad is not None]
         for index, p in with_grad:
