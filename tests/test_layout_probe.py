@@ -321,3 +321,32 @@ def test_a_forward_that_updates_a_buffer_in_place_is_exact(B):
     assert_sum_loss_exact(model, x)
     for b, want in zip(model.buffers(), unpatched.buffers()):
         assert torch.equal(b, want)
+
+
+class _BatchCoupledTail(nn.Module):
+    """A batch statistic after the last layer that reads a parameter: Gemma 4 Assistant's
+    fill value (the batch's smallest logit, taken with .item()) or a centring over dim 0.
+    No layer input shows it; the output rows of unchanged examples do."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.a, self.head, self.tail = nn.Linear(D, D), nn.Linear(D, 7), tail
+
+    def forward(self, x):
+        logits = self.head(torch.tanh(self.a(x)))[..., :4]
+        if self.tail == "centred":
+            return logits - logits.mean(0)
+        fill = torch.full((*logits.shape[:-1], 7), logits.min().item() - 1.0, dtype=x.dtype)
+        return fill.scatter(-1, torch.arange(4).expand(*logits.shape[:-1], 4), logits)
+
+
+@pytest.mark.parametrize("tail", ["min_fill", "centred"])
+def test_examples_coupled_after_the_last_parameter_are_refused(tail):
+    """Silently wrong before (min_fill: the clipped gradients 1.5-3.9 % off the oracle, no
+    error)."""
+    torch.manual_seed(0)
+    model = _BatchCoupledTail(tail).double()
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match="output 0 of the model"):
+        sum_loss(model, (torch.randn(4, 5, D, dtype=torch.float64),)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -57,6 +57,8 @@ from vaultkern.core import handlers
 from vaultkern.core.capture import (DETACHING, IN_PLACE, UNGROWN, mutates_first_argument,
                                     ungrown_key)
 from vaultkern.core.errors import BatchLayoutError, UnsupportedModuleError
+from vaultkern.core.probe_compare import (close, compare_outputs, compare_rows, output_digests,
+                                          row_digest, which)
 from vaultkern.core.probe_inputs import example_sets, grown_batch, perturbed
 from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 
@@ -64,7 +66,6 @@ from vaultkern.core.sharded import ShardSync, is_fsdp_module, max_over_ranks
 _FRESH = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
           torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
           torch.Tensor.new_full}
-_TOLERANCE = 1e-5  # relative: non-deterministic kernels (atomics) differ by ~1e-7
 
 
 class _Observe(TorchFunctionMode):
@@ -197,14 +198,9 @@ class _Probe:
         # what copy_ writes into is overwritten, whatever it held (torch.empty's garbage)
         overwritten = args[0] if func is torch.Tensor.copy_ else None
         digests = [None if isinstance(x, nn.Parameter) or (bags and x.dim() == 1)
-                   or x is overwritten else _row_digest(x) for x in inputs]
+                   or x is overwritten else row_digest(x) for x in inputs]
         sizes = [(x.shape[0], x.dim(), b) for x, b in zip(inputs, batched)]
         self.records.append((where or "<root>", name, digests, sizes, site or "<root>"))
-
-
-def _row_digest(t: torch.Tensor) -> torch.Tensor:
-    rows = t.detach().reshape(t.shape[0], -1 if t.shape[0] else 0).to(torch.float64)
-    return torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
 
 
 def _run(probe: _Probe, model: nn.Module, args, kwargs):
@@ -219,7 +215,7 @@ def _run(probe: _Probe, model: nn.Module, args, kwargs):
     states = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _Observe(probe):
-            call(*args, **kwargs)
+            probe.outputs = output_digests(call(*args, **kwargs), probe.state.batch)
     finally:
         probe.restore_buffers()
         random.setstate(states[0])
@@ -263,8 +259,10 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
     state.probing = True
     try:
         first = _run(probe, model, args, kwargs)
-        runs = [(examples, _changed_run(probe, model, args, kwargs, examples, c))
-                for examples, c in changed]
+        first_outputs, runs = probe.outputs, []
+        for examples, c in changed:
+            runs.append((examples, _changed_run(probe, model, args, kwargs, examples, c),
+                         probe.outputs))
         state.batch = B + 1
         try:
             grown = _run(probe, model, *grown_batch(args, kwargs, B))
@@ -278,12 +276,12 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
         state.probing = False
     for m in probe.new_readers.values():
         add_reader(state, probe.paths[id(m)], m, set())
-    for examples, second in runs:
+    for examples, second, outputs in runs:
         if len(first) != len(second):
             where = next((a[0] for a, b in zip(first, second) if a[:2] != b[:2]), first[-1][0])
             raise BatchLayoutError(
                 f"vaultkern: the calls that read trainable parameters (first difference in "
-                f"'{where}') change when only {_which(examples)} change: the model routes rows "
+                f"'{where}') change when only {which(examples)} change: the model routes rows "
                 "across examples (e.g. a mixture-of-experts layer gathering tokens), so rows "
                 "cannot be attributed to examples and per-example clipping is refused.")
         for (where, name, rows_a, sizes, _), (_, _, rows_b, _, _) in zip(first, second):
@@ -291,20 +289,21 @@ def check_layout(state, model: nn.Module, args, kwargs) -> None:
                 if a is None:
                     continue
                 if batched:
-                    _compare(where, name, a, b, B, examples)
-                elif a.shape != b.shape or not _close(a, b).all():
+                    compare_rows(where, name, a, b, B, examples)
+                elif a.shape != b.shape or not close(a, b).all():
                     raise BatchLayoutError(
                         f"vaultkern: in module '{where}', an input of {name} that no example "
                         f"owns ({a.shape[0]} rows for {B} examples: one value for the whole "
-                        f"batch) changes when only {_which(examples)} change: it is computed "
+                        f"batch) changes when only {which(examples)} change: it is computed "
                         "from the examples' data: either the examples are in another dim (a "
                         "[T, B, d] layout: use batch_first=True), or it is a statistic of the "
                         "batch (e.g. a mean over dim 0), so every example's gradient depends on "
                         "the others and per-example clipping cannot bound one example's "
                         "influence. It is refused; keep the examples in dim 0 and compute such "
                         "statistics per example.")
+        compare_outputs(first_outputs, outputs, B, examples)
     state.ungrown, shared = _check_sizes(first, grown, B)
-    state.shared_tables = _unchanged(shared, first, [run for _, run in runs])
+    state.shared_tables = _unchanged(shared, first, [run for _, run, _ in runs])
 
 
 def _unchanged(keys: set, first, runs) -> set:
@@ -315,7 +314,7 @@ def _unchanged(keys: set, first, runs) -> set:
         for (_, name, rows_a, sizes, site), (_, _, rows_b, _, _) in zip(first, second):
             for slot, (a, b, (_, dims, _)) in enumerate(zip(rows_a, rows_b, sizes)):
                 key = ungrown_key(site, name, slot, dims)
-                if key in keys and (a is None or not bool(_close(a, b).all())):
+                if key in keys and (a is None or not bool(close(a, b).all())):
                     changed.add(key)
     return keys - changed
 
@@ -362,33 +361,3 @@ def _check_sizes(first, grown, B: int) -> Tuple[set, set]:
     # a call that reads a table at one place and batch rows at another of the same forward
     # (one module applied to both) cannot tell them apart by place: it is refused instead
     return ungrown, shared - grows
-
-
-def _which(examples: List[int]) -> str:
-    shown = ", ".join(map(str, examples[:6])) + (", ..." if len(examples) > 6 else "")
-    return f"example{'s' if len(examples) > 1 else ''} {shown}"
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.isclose(a, b, rtol=_TOLERANCE, atol=0.0, equal_nan=True) | (a == b)
-
-
-def _compare(where: str, name: str, a: torch.Tensor, b: torch.Tensor, B: int,
-             examples: List[int]) -> None:
-    n = a.shape[0]
-    rows_differ = (
-        f"vaultkern: in module '{where}', the input rows of {name} ({n} rows for {B} examples) "
-        f"change for other examples when only {_which(examples)} change: dim 0 does not hold "
-        "examples here (e.g. a [T, B, d] layout with T == B, rows mixed across the batch, or "
-        "tokens gathered across examples). Per-example clipping would be wrong, so it is "
-        "refused. Keep the batch in dim 0 of every layer input (batch_first=True).")
-    if a.shape != b.shape:
-        raise BatchLayoutError(rows_differ)
-    close = _close(a, b).all(1)
-    others = torch.ones(n, dtype=torch.bool)
-    if n % B == 0 and n != 1:
-        k = n // B
-        for example in examples:
-            others[example * k:(example + 1) * k] = False  # the changed examples' own rows
-    if not bool(close[others].all()):
-        raise BatchLayoutError(rows_differ)
