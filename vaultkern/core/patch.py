@@ -105,7 +105,8 @@ class _PatchState:
             if self.is_sharded:
                 sharded_of = sharded.sharded_parameters(self.model)
                 held = [(n, sharded_of[id(p)]) for n, p in held]
-            for name, p in params + held:
+            # (without FSDP2 the held parameters are the ones the layers read)
+            for name, p in params + (held if self.is_sharded else []):
                 owner = clipped_by(p)
                 if owner is None:
                     p.register_hook(UnclippedGradientGuard(name, self))

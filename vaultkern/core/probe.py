@@ -92,6 +92,7 @@ class _Probe:
         self.derived: dict = {}  # id -> values computed from trainable parameters alone
         self.constants: dict = {}  # id -> tensors made in the forward from no data or parameter
         self.new_readers = {}
+        self.outputs: list = []  # row digests of the last run's outputs (output_digests)
         # every run starts from the buffers as they were (a forward that updates one in
         # place, e.g. spectral norm's power iteration, would otherwise look data-dependent)
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]

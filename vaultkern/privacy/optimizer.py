@@ -258,7 +258,8 @@ class DPOptimizer(Optimizer):
                     "(requires_grad_(False)) or give them to this optimizer.", stacklevel=5)
 
     def check_gradients(self) -> None:
-        """Raise if any gradient is sparse or not finite (nothing is modified).
+        """Raise if any gradient is not one patched model's clipped sum (check_clipping), is
+        sparse or is not finite (nothing is modified).
 
         One host-device synchronisation for all parameters (not one per parameter); under
         FSDP2 each rank checks its shards and every rank raises if any rank found one."""
