@@ -334,3 +334,18 @@ def test_siglip_attention_pooling_head_is_exact():
     b = (torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64),
          torch.randn(3, 16, generator=g, dtype=torch.float64))
     assert_exact(model, b, lambda m, b: ((m(pixel_values=b[0]).pooler_output - b[1]) ** 2).sum(1))
+
+
+def test_ibert_re_assigned_buffers_are_exact():
+    """I-BERT's activation observers re-assign their buffers in every training forward
+    (``self.x_min = self.x_min + m``). The freed buffer's id went to a later tensor, often a
+    hidden state, which the capture then took for a buffer: a torch shape error in backward
+    or a false "unclipped gradient" refusal, varying from run to run."""
+    cfg = transformers.IBertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=24, num_labels=3,
+                                   max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.IBertForSequenceClassification(cfg).double().train()
+    ids, mask, _ = batch(B=3, T=7)
+    assert_exact(model, (ids, mask, torch.tensor([0, 2, 1])), _classifier_loss)

@@ -148,8 +148,8 @@ class Capture:
         self.tracked: Dict[int, Tracked] = {}
         self.params: Dict[int, torch.Tensor] = {}
         self.names: Dict[int, str] = {}
-        self.buffers: set = set()
-        self.stand_ins: set = set()             # FSDP2: ids a module may hold in their place
+        self.buffers: Dict[int, torch.Tensor] = {}
+        self.stand_ins: Dict[int, torch.Tensor] = {}  # FSDP2: what a module may hold instead
         self.site_stack: List[Any] = []
 
     # -- tracking -----------------------------------------------------------------------------
@@ -159,7 +159,12 @@ class Capture:
         self.names = {id(p): n for n, p in named_params}
         for p in self.params.values():
             self.tracked[id(p)] = Tracked(p, (p,), derived.identity, alias=(p, False))
-        self.buffers = {id(b) for b in buffers}
+        # the tensors themselves: a module that re-assigns a buffer (``self.x_min = self.x_min
+        # + m``, I-BERT's QuantAct) frees the old one, and its id goes to the next new tensor
+        self.buffers = {id(b): b for b in buffers}
+
+    def is_buffer(self, t: torch.Tensor) -> bool:
+        return self.buffers.get(id(t)) is t
 
     def forget_derived(self) -> None:
         """Derived values live for one outermost forward; parameters stay."""
@@ -195,7 +200,7 @@ class Capture:
         ``_PatchState.follow_trainable``.)"""
         for name in site.owned:
             t = getattr(module, name, None)
-            if t is None or id(t) in self.params or id(t) in self.stand_ins:
+            if t is None or id(t) in self.params or self.stand_ins.get(id(t)) is t:
                 continue
             raise UnsupportedModuleError(
                 f"vaultkern: the trainable parameter '{name}' of {site.describe()} is not the "
@@ -219,7 +224,7 @@ class Capture:
         """Does this data tensor carry examples in dim 0 (B, k·B or 1 shared row)? Buffers
         and frozen parameters (a LoRA or BitFit base weight) are constants, whatever their
         shape."""
-        if (not isinstance(t, torch.Tensor) or t.dim() == 0 or id(t) in self.buffers
+        if (not isinstance(t, torch.Tensor) or t.dim() == 0 or self.is_buffer(t)
                 or isinstance(t, torch.nn.Parameter)):
             return False
         B, rows = self.batch, t.shape[0]
@@ -337,7 +342,7 @@ class Capture:
         """A call's tensors other than trainable parameters and buffers, in order: the layout
         check numbers them, and the capture finds them again by that number."""
         return [x for x in leaves if isinstance(x, torch.Tensor) and id(x) not in self.params
-                and x.dim() > 0 and id(x) not in self.buffers]
+                and x.dim() > 0 and not self.is_buffer(x)]
 
     def _input_keys(self, func, leaves):
         name, site = getattr(func, "__name__", repr(func)), self.site().path

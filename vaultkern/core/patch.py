@@ -87,7 +87,7 @@ class _PatchState:
                 sharded.check_supported(self.model)
                 unsharded = sharded.unsharded_parameters(self.model)
                 params = [(n, unsharded[id(p)]) for n, p in params]
-                capture.stand_ins = set(unsharded)
+                capture.stand_ins = sharded.held_parameters(self.model)
                 self.is_sharded = True
                 self.bookkeeper.sync = sharded.ShardSync(self.model)
                 # every captured layer's output is a view (an identity node in front of it),

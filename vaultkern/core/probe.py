@@ -142,8 +142,8 @@ class _Probe:
         tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)
                    and not (x is target and func is torch.Tensor.copy_)]
         from_params = [self.reads_parameter(x) for x in tensors]
-        constant = [not p and (x.dim() == 0 or isinstance(x, nn.Parameter) or id(x) in (
-            self.capture.buffers) or self.constants.get(id(x)) is x)
+        constant = [not p and (x.dim() == 0 or isinstance(x, nn.Parameter) or (
+            self.capture.is_buffer(x)) or self.constants.get(id(x)) is x)
             for x, p in zip(tensors, from_params)]
         made = outs + ([target] if target is not None else [])
         if target is not None:

@@ -117,6 +117,11 @@ def sharded_parameters(model: nn.Module) -> Dict[int, nn.Parameter]:
     return {id(p): fp.sharded_param for fp in fsdp_params(model) for p in _both(fp)}
 
 
+def held_parameters(model: nn.Module) -> Dict[int, nn.Parameter]:
+    """{id(p): p} for both objects of every FSDP parameter: what a module may hold."""
+    return {id(p): p for fp in fsdp_params(model) for p in _both(fp)}
+
+
 def _both(fp) -> list:
     """A parameter's sharded and (once created) unsharded objects: a module holds the
     unsharded one while FSDP has it all-gathered (inside the forward of an FSDP module)."""
