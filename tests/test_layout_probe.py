@@ -207,16 +207,18 @@ def test_rows_that_do_not_grow_and_change_with_the_examples_are_refused():
 class _ClsToken(nn.Module):
     """A ViT-style CLS token and a weight repeated to the batch before they meet the data
     (``cls.expand(B, -1, -1)``, ``bmm(h, W.expand(B, d, d))``, ``pos.repeat``)."""
-    def __init__(self, mix_copies=False):
+    def __init__(self, mix_copies=False, sizes_name_the_batch=False):
         super().__init__()
         self.cls, self.pos = nn.Parameter(torch.randn(1, 1, D)), nn.Parameter(torch.randn(1, 5, D))
         self.W = nn.Parameter(torch.randn(D, D))
         self.lin, self.norm = nn.Linear(D, D), nn.LayerNorm(D)
-        self.mix_copies = mix_copies
+        self.mix_copies, self.sizes_name_the_batch = mix_copies, sizes_name_the_batch
 
     def forward(self, x):
         B = x.shape[0]
         cls = self.cls.expand(B, -1, -1)
+        if self.sizes_name_the_batch:  # as PEFT Cartridge's prompt .view(B, ...)
+            cls = cls.reshape(B, D).view(B, 1, D)
         if self.mix_copies:
             cls = cls.cumsum(0)  # example i gets i + 1 copies: not one example's value
         h = torch.cat([cls, x], 1) + self.pos[:, :x.shape[1] + 1].repeat(B, 1, 1)
@@ -230,6 +232,16 @@ def test_parameters_repeated_to_the_batch_are_exact(B):
     crashed with torch's error before)."""
     torch.manual_seed(0)
     model = _ClsToken().double()
+    with pytest.warns(RuntimeWarning, match="via cat"):
+        assert_sum_loss_exact(model, torch.randn(B, 4, D, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B", [2, 3])
+def test_copies_reshaped_with_sizes_that_name_the_batch_are_exact(B):
+    """``copies.view(B, ...)`` cannot be replayed on one example's copy (torch's shape
+    error in the capture before): one example's rows are cut from the call on all copies."""
+    torch.manual_seed(0)
+    model = _ClsToken(sizes_name_the_batch=True).double()
     with pytest.warns(RuntimeWarning, match="via cat"):
         assert_sum_loss_exact(model, torch.randn(B, 4, D, dtype=torch.float64))
 

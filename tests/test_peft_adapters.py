@@ -70,3 +70,14 @@ def test_lily_router_averaged_over_the_batch_is_refused():
     vk.patch(model)
     with pytest.raises(vk.BatchLayoutError, match=r"q_proj"):
         lm_loss(model, batch()).sum().backward()
+
+
+def test_cartridge_prompt_copies_moved_off_dim_0_are_refused():
+    """Cartridge expands its trainable prompt to the batch and permutes the copies away from
+    dim 0 before the attention reads them (torch's shape error inside the capture before)."""
+    model = peft.get_peft_model(make("llama"),
+                                peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    vk.patch(model)
+    with pytest.raises(vk.BatchLayoutError, match=r"permute .* mixes the copies"):
+        lm_loss(model, batch()).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

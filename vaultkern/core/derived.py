@@ -119,14 +119,17 @@ def derive(cap, func, leaves, entries, spec):
             alias = (root, not transposed)
 
     def replay(*root_values, _entries=entries, _leaves=leaves, _spec=spec, _func=func,
-               _roots=roots):
+               _roots=roots, _copies=1):
+        """The call on the inputs' recomputed values: one example's copy of those that hold
+        one per example, or (``_copies=B``) all of them."""
         by_id = dict(zip(map(id, _roots), root_values))
         vals = []
         for x, e in zip(_leaves, _entries):
             if e is None:
                 vals.append(x)
             else:
-                vals.append(e.recompute(*[by_id[id(r)] for r in e.roots]))
+                v = e.recompute(*[by_id[id(r)] for r in e.roots])
+                vals.append(v.repeat(_copies, *[1] * (v.dim() - 1)) if e.rows is not None else v)
         a2, k2 = tree_unflatten(vals, _spec)
         return _func(*a2, **k2)
 
@@ -138,7 +141,10 @@ def derive(cap, func, leaves, entries, spec):
         rows, recompute = None, _transposed_copies(used[0], cap.batch)
     else:
         recompute = replay
-        rows = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
+        rows, whole = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
+        if whole:  # one example's rows of the call on every example's copies
+            def recompute(*root_values, _replay=replay, _rows=rows, _copies=cap.batch):
+                return _replay(*root_values, _copies=_copies)[:_rows]
     if rows is not None and not any(e.rows is not None for e in used):
         whole = recompute  # the call that repeats the value to the batch: one example's rows
 
@@ -169,29 +175,38 @@ def _transposed_copies(entry: Tracked, batch: int) -> Callable[..., torch.Tensor
     return recompute
 
 
-def _rows_per_example(cap, func, leaves, used, out, recompute, roots) -> Optional[int]:
-    """Rows per example if ``out`` holds one copy of a derived value per example (a CLS
-    token ``cls.expand(B, -1, -1)``, DeBERTa-v2's position keys ``repeat(B, 1, 1)``, or
-    a value computed from such copies), else None (a value shared by the whole batch)."""
+def _rows_per_example(cap, func, leaves, used, out, recompute, roots
+                      ) -> Tuple[Optional[int], bool]:
+    """(rows per example, whole): rows if ``out`` holds one copy of a derived value per
+    example (a CLS token ``cls.expand(B, -1, -1)``, DeBERTa-v2's position keys
+    ``repeat(B, 1, 1)``, or a value computed from such copies), else None (a value shared
+    by the whole batch); whole: one example's copy must be cut from the call on all of
+    them."""
     B, name = cap.batch, getattr(func, "__name__", repr(func))
     if any(e.rows is not None for e in used):
         if B and out.dim() and out.shape[0] % B == 0:
-            rows = out.shape[0] // B
-            one = recompute(*[r.detach() for r in roots])  # what every example sees
-            if one.shape == (rows,) + out.shape[1:] and torch.equal(
-                    one.repeat(B, *[1] * (out.dim() - 1)), out):
-                return rows
+            rows, values = out.shape[0] // B, [r.detach() for r in roots]
+            # what every example sees: the call on one copy, or, where its sizes name the
+            # batch (PEFT Cartridge's .view(B, ...)), one example's rows of it on all copies
+            for whole in (False, True):
+                try:
+                    one = recompute(*values, _copies=B)[:rows] if whole else recompute(*values)
+                except RuntimeError:
+                    continue
+                if one.shape == (rows,) + out.shape[1:] and torch.equal(
+                        one.repeat(B, *[1] * (out.dim() - 1)), out):
+                    return rows, whole
         raise BatchLayoutError(
             f"vaultkern: {name} in {cap.site().describe()} mixes the copies of a parameter "
             f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "
             "per-example gradients cannot be formed. Combine it with the data first.")
     if func not in _REPEATS or not B or out.dim() == 0:
-        return None
+        return None, False
     source = next(x for x in leaves if isinstance(x, torch.Tensor))
     before = source.shape[0] if source.dim() == out.dim() else 1  # a new leading dim
     if before and out.shape[0] != before and out.shape[0] % (before * B) == 0:
-        return out.shape[0] // B
-    return None
+        return out.shape[0] // B, False
+    return None, False
 
 
 def identity(p):
