@@ -81,3 +81,24 @@ def test_cartridge_prompt_copies_moved_off_dim_0_are_refused():
     with pytest.raises(vk.BatchLayoutError, match=r"permute .* mixes the copies"):
         lm_loss(model, batch()).sum().backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_adaption_prompt_is_exact():
+    """LLaMA-Adapter: a learned prompt per adapted layer with a zero-initialised gate."""
+    assert_exact(adapted("AdaptionPromptConfig", adapter_len=3, adapter_layers=1), batch(), lm_loss)
+
+
+def test_poly_routed_by_task_ids_is_exact():
+    """Polytropon: each example's LoRA skills are mixed by its own task's router logits
+    (``task_ids``). In eval mode, where the router is deterministic (training samples a
+    relaxed Bernoulli per row, which the oracle's separate forwards cannot replay)."""
+    model = adapted("PolyConfig", target_modules=["q_proj", "v_proj"], n_tasks=2, n_skills=2,
+                    n_splits=2).eval()
+
+    def loss(m, b):
+        ids, mask, labels, task_ids = b
+        logits = m(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                 reduction="none", ignore_index=-100).sum(1)
+
+    assert_exact(model, batch() + (torch.tensor([0, 1, 1]),), loss)
