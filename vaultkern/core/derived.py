@@ -12,6 +12,7 @@ example's copy, so that each example's gradient flows through its own copy only.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -152,6 +153,7 @@ def derive(cap, func, leaves, entries, spec):
             return _whole(*root_values)[:_rows]
 
     names = [cap.param_name(r) for r in roots]
+    recompute = under_forward_autocast(recompute)
     guarded = _DerivedGuard.apply(out, names, *roots)
     cap.tracked[id(guarded)] = Tracked(out, roots, recompute, alias, handle=guarded,
                                         rows=rows, in_dim_1=in_dim_1)
@@ -211,3 +213,30 @@ def _rows_per_example(cap, func, leaves, used, out, recompute, roots
 
 def identity(p):
     return p
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                 for d in _AUTOCAST_DEVICES)
+
+
+def under_forward_autocast(fn: Callable) -> Callable:
+    """``fn`` run under the autocast state of now (the forward) wherever it is called. The
+    backward replays calls (a derived value's recompute, a generic call's vjp) where
+    autocast is off: a matmul autocast to bf16 in the forward would run in float32 and meet
+    the saved bf16 inputs (torch's dtype error, Mamba and Llama 4 under torch.autocast)."""
+    state = _autocast_state()
+
+    def replay(*args, **kwargs):
+        now = _autocast_state()
+        if now == state:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device, (on, dtype), current in zip(_AUTOCAST_DEVICES, state, now):
+                if current != (on, dtype):
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=on))
+            return fn(*args, **kwargs)
+    return replay

@@ -29,7 +29,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from vaultkern.backend import acc_dtype
-from vaultkern.core.derived import carries_gradient
+from vaultkern.core.derived import carries_gradient, under_forward_autocast
 from vaultkern.core.errors import BatchLayoutError
 from vaultkern.core.grad_forms import Factored, Materialized
 
@@ -305,6 +305,7 @@ def generic_consumption(cap, func, leaves, entries, spec, batched: Optional[List
                 "parameters it reads cannot be formed.")
     roots = list({id(r): r for e in entries if e is not None for r in e.roots}.values())
     root_pos = {id(r): j for j, r in enumerate(roots)}
+    replayed = under_forward_autocast(func)  # the backward replays it as the forward ran it
 
     def per_example_call(root_values, data_i):
         vals = list(leaves)
@@ -314,7 +315,7 @@ def generic_consumption(cap, func, leaves, entries, spec, batched: Optional[List
         for i, d in zip(data_slots, data_i):
             vals[i] = d
         a_i, k_i = tree_unflatten(vals, spec)
-        o_leaves, _ = tree_flatten(func(*a_i, **k_i))
+        o_leaves, _ = tree_flatten(replayed(*a_i, **k_i))
         return tuple(o_leaves[i] for i in grad_slots)
 
     def make_forms(saved, grads):
