@@ -27,6 +27,21 @@ def _t5():
     return transformers.T5ForConditionalGeneration(cfg).double()
 
 
+def _shifts_inline(name):
+    """Blenderbot and M2M-100 (NLLB's architecture) shift the labels inside their forward:
+    no prepare_decoder_input_ids_from_labels (DPTrainer refused them before)."""
+    def make():
+        kw = dict(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                  decoder_ffn_dim=24, max_position_embeddings=32, dropout=0.0, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                  encoder_layerdrop=0.0, decoder_layerdrop=0.0, attention_dropout=0.0)
+        cfg = getattr(transformers, f"{name}Config")(**kw)
+        torch.manual_seed(0)
+        return getattr(transformers, f"{name}ForConditionalGeneration")(cfg).double()
+    return make
+
+
 def _llama():
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24,
                                    num_hidden_layers=1, num_attention_heads=2)
@@ -39,6 +54,10 @@ IDS = torch.randint(3, V, (3, 6), generator=g)
 CASES = {
     "causal": (_llama, losses.per_example_lm_loss, IDS.clone()),
     "seq2seq": (_t5, losses.per_example_seq2seq_loss, torch.randint(3, V, (3, 4), generator=g)),
+    "seq2seq-blenderbot": (_shifts_inline("Blenderbot"), losses.per_example_seq2seq_loss,
+                           torch.randint(3, V, (3, 4), generator=g)),
+    "seq2seq-m2m100": (_shifts_inline("M2M100"), losses.per_example_seq2seq_loss,
+                       torch.randint(3, V, (3, 4), generator=g)),
     "tokens": (lambda: _bert(transformers.BertForTokenClassification, num_labels=5),
                losses.per_example_token_loss, torch.randint(0, 5, (3, 6), generator=g)),
     "classes": (lambda: _bert(transformers.BertForSequenceClassification, num_labels=3),
@@ -76,3 +95,17 @@ def test_peft_wrapped_classifier_gets_the_classification_loss():
 def test_unknown_model_asks_for_a_loss():
     with pytest.raises(ValueError, match="per_example_loss=fn"):
         per_example_loss_for(torch.nn.Linear(2, 2))
+
+
+def test_m2m100_seq2seq_loss_is_clipped_exactly():
+    """What DPTrainer does with M2M-100 (NLLB's architecture), against the float64 oracle."""
+    from hf_zoo import assert_exact
+    ids = torch.randint(3, V, (3, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 2
+    labels = torch.randint(3, V, (3, 4), generator=torch.Generator().manual_seed(2))
+    labels[1, -1] = -100
+
+    def loss(m, b):
+        return losses.per_example_seq2seq_loss(m, {"input_ids": b[0], "labels": b[1]})
+
+    assert_exact(_shifts_inline("M2M100")().train(), (ids, labels), loss)

@@ -16,6 +16,7 @@ per-example form of the loss the model computes itself from ``labels=``.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -111,8 +112,20 @@ def _config(model):
 
 
 def _decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
-    for m in _chain(model):
+    """The decoder input the model itself makes from ``labels=``: its
+    ``prepare_decoder_input_ids_from_labels``, or else (Blenderbot, M2M-100, NLLB, SeamlessM4T,
+    whose forward shifts the labels inline) its modeling module's ``shift_tokens_right`` with
+    the config's pad and decoder start tokens."""
+    chain = _chain(model)
+    for m in chain:
         if hasattr(m, "prepare_decoder_input_ids_from_labels"):
             return m.prepare_decoder_input_ids_from_labels(labels=labels)
-    raise ValueError("vaultkern: this encoder-decoder model has no "
-                     "prepare_decoder_input_ids_from_labels; pass decoder_input_ids in the batch")
+    config = _config(model)
+    for m in chain:
+        shift = getattr(sys.modules.get(type(m).__module__), "shift_tokens_right", None)
+        if callable(shift) and config is not None and getattr(
+                config, "decoder_start_token_id", None) is not None:
+            return shift(labels, config.pad_token_id, config.decoder_start_token_id)
+    raise ValueError("vaultkern: this encoder-decoder model makes no decoder inputs from labels "
+                     "(no prepare_decoder_input_ids_from_labels, no shift_tokens_right); pass "
+                     "decoder_input_ids in the batch")
