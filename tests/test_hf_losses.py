@@ -109,3 +109,47 @@ def test_m2m100_seq2seq_loss_is_clipped_exactly():
         return losses.per_example_seq2seq_loss(m, {"input_ids": b[0], "labels": b[1]})
 
     assert_exact(_shifts_inline("M2M100")().train(), (ids, labels), loss)
+
+
+def _bart(cls):
+    cfg = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2,
+                                  encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
+                                  dropout=0.0, num_labels=3)
+    torch.manual_seed(0)
+    return cls(cfg).double()
+
+
+@pytest.mark.parametrize("cls,loss_fn", [
+    ("BartForSequenceClassification", losses.per_example_classification_loss),
+    ("BartForQuestionAnswering", losses.per_example_qa_loss),
+    ("BertForQuestionAnswering", losses.per_example_qa_loss)])
+def test_head_decides_the_loss_and_it_averages_to_the_models_own(cls, loss_fn):
+    """An encoder-decoder with a classification or QA head gets that head's loss (BART's got
+    the seq2seq loss before, which fed its class labels to the decoder); extractive QA
+    averages its start and end cross-entropies, as the model does."""
+    model = _bart(getattr(transformers, cls)) if cls.startswith("Bart") else _bert(
+        getattr(transformers, cls))
+    assert per_example_loss_for(model) is loss_fn
+    ids = IDS.clone()
+    ids[:, -1] = model.config.eos_token_id if cls.startswith("Bart") else ids[:, -1]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if loss_fn is losses.per_example_qa_loss:
+        inputs.update(start_positions=torch.tensor([0, 2, 4]), end_positions=torch.tensor([1, 3, 5]))
+    else:
+        inputs["labels"] = torch.tensor([0, 2, 1])
+    per_example = loss_fn(model, inputs)
+    assert per_example.shape == (3,)
+    assert torch.allclose(per_example.mean().double(), model(**inputs).loss.double(), rtol=1e-6)
+
+
+def test_question_answering_loss_is_clipped_exactly():
+    from hf_zoo import assert_exact
+    ids = torch.randint(3, V, (3, 7), generator=torch.Generator().manual_seed(1))
+    b = (ids, torch.tensor([0, 2, 9]), torch.tensor([3, 5, 6]))  # 9: outside, ignored
+
+    def loss(m, b):
+        return losses.per_example_qa_loss(m, {"input_ids": b[0], "start_positions": b[1],
+                                              "end_positions": b[2]})
+
+    assert_exact(_bert(transformers.BertForQuestionAnswering).train(), b, loss)

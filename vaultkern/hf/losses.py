@@ -10,7 +10,13 @@ per-example form of the loss the model computes itself from ``labels=``.
 * token classification: each sequence's mean token loss (no shift);
 * sequence classification: cross-entropy, mean squared error for regression
   (``num_labels == 1`` or float labels) or per-label binary cross-entropy for
-  ``problem_type="multi_label_classification"``.
+  ``problem_type="multi_label_classification"``;
+* extractive question answering: the mean of the start and end positions' cross-entropies
+  (``start_positions``/``end_positions``; positions outside the sequence count 0, as the
+  model ignores them).
+
+The task is read from the head's class first, so that an encoder-decoder with a
+classification or QA head (BART, T5) gets that head's loss.
 
 ``-100`` labels are ignored throughout.
 """
@@ -74,22 +80,40 @@ def per_example_classification_loss(model, inputs: dict) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
 
 
+def per_example_qa_loss(model, inputs: dict) -> torch.Tensor:
+    """[B]: extractive QA, each row's mean of its start and end cross-entropies."""
+    inputs = dict(inputs)
+    starts, ends = inputs.pop("start_positions"), inputs.pop("end_positions")
+    out = model(**inputs)
+    per_end = []
+    for logits, positions in ((out.start_logits, starts), (out.end_logits, ends)):
+        ignored = logits.shape[1]  # the model's own rule: out-of-sequence positions are ignored
+        per_end.append(F.cross_entropy(logits.float(), positions.reshape(-1).clamp(0, ignored),
+                                       reduction="none", ignore_index=ignored))
+    return (per_end[0] + per_end[1]) / 2
+
+
+_BY_HEAD = (("ForSequenceClassification", per_example_classification_loss),
+            ("ForTokenClassification", per_example_token_loss),
+            ("ForQuestionAnswering", per_example_qa_loss))
+
+
 def per_example_loss_for(model) -> PerExampleLoss:
     """The per-example loss for this model's task (see the module docstring)."""
     names = [type(m).__name__ for m in _chain(model)]
+    for suffix, loss in _BY_HEAD:
+        if any(n.endswith(suffix) for n in names):
+            return loss
     config = _config(model)
     if config is not None and config.is_encoder_decoder:
         return per_example_seq2seq_loss
-    if any(n.endswith("ForSequenceClassification") for n in names):
-        return per_example_classification_loss
-    if any(n.endswith("ForTokenClassification") for n in names):
-        return per_example_token_loss
     if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
         return per_example_lm_loss
     raise ValueError(
         f"vaultkern: DPTrainer has no per-example loss for {' / '.join(names)} (it knows causal "
-        "language models, encoder-decoder models, token and sequence classification); pass "
-        "per_example_loss=fn(model, inputs) -> one loss per row of the batch")
+        "language models, encoder-decoder models, token and sequence classification, extractive "
+        "question answering); pass per_example_loss=fn(model, inputs) -> one loss per row of "
+        "the batch")
 
 
 def _chain(model) -> list:
