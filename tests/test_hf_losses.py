@@ -153,3 +153,23 @@ def test_question_answering_loss_is_clipped_exactly():
                                               "end_positions": b[2]})
 
     assert_exact(_bert(transformers.BertForQuestionAnswering).train(), b, loss)
+
+
+def test_multiple_choice_loss_averages_to_the_models_own_and_is_clipped_exactly():
+    """[B, choices, T] inputs, which the model flattens to B·choices rows (example-major).
+    Position ids are passed with the batch's shape: BERT's default [1, T] buffer would be
+    expanded to the B examples and fail to broadcast against the B·choices rows (README)."""
+    from hf_zoo import assert_exact
+    model = _bert(transformers.BertForMultipleChoice, num_labels=1)  # num_labels plays no part
+    assert per_example_loss_for(model) is losses.per_example_multiple_choice_loss
+    ids = torch.randint(3, V, (3, 4, 5), generator=torch.Generator().manual_seed(1))
+    labels, positions = torch.tensor([0, 3, 1]), torch.arange(5).expand(3, 4, 5)
+    inputs = {"input_ids": ids, "labels": labels}
+    assert torch.allclose(losses.per_example_multiple_choice_loss(model, inputs).mean().double(),
+                          model(**inputs).loss.double(), rtol=1e-6)
+
+    def loss(m, b):
+        return losses.per_example_multiple_choice_loss(
+            m, {"input_ids": b[0], "labels": b[1], "position_ids": b[2]})
+
+    assert_exact(model.train(), (ids, labels, positions), loss)

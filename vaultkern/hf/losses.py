@@ -11,6 +11,7 @@ per-example form of the loss the model computes itself from ``labels=``.
 * sequence classification: cross-entropy, mean squared error for regression
   (``num_labels == 1`` or float labels) or per-label binary cross-entropy for
   ``problem_type="multi_label_classification"``;
+* multiple choice: cross-entropy over the choices;
 * extractive question answering: the mean of the start and end positions' cross-entropies
   (``start_positions``/``end_positions``; positions outside the sequence count 0, as the
   model ignores them).
@@ -80,6 +81,13 @@ def per_example_classification_loss(model, inputs: dict) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
 
 
+def per_example_multiple_choice_loss(model, inputs: dict) -> torch.Tensor:
+    """[B]: multiple choice (inputs [B, choices, T]), cross-entropy over each row's choices."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    return F.cross_entropy(model(**inputs).logits.float(), labels, reduction="none")
+
+
 def per_example_qa_loss(model, inputs: dict) -> torch.Tensor:
     """[B]: extractive QA, each row's mean of its start and end cross-entropies."""
     inputs = dict(inputs)
@@ -95,7 +103,8 @@ def per_example_qa_loss(model, inputs: dict) -> torch.Tensor:
 
 _BY_HEAD = (("ForSequenceClassification", per_example_classification_loss),
             ("ForTokenClassification", per_example_token_loss),
-            ("ForQuestionAnswering", per_example_qa_loss))
+            ("ForQuestionAnswering", per_example_qa_loss),
+            ("ForMultipleChoice", per_example_multiple_choice_loss))
 
 
 def per_example_loss_for(model) -> PerExampleLoss:
@@ -111,8 +120,8 @@ def per_example_loss_for(model) -> PerExampleLoss:
         return per_example_lm_loss
     raise ValueError(
         f"vaultkern: DPTrainer has no per-example loss for {' / '.join(names)} (it knows causal "
-        "language models, encoder-decoder models, token and sequence classification, extractive "
-        "question answering); pass per_example_loss=fn(model, inputs) -> one loss per row of "
+        "language models, encoder-decoder models, token and sequence classification, multiple "
+        "choice, extractive question answering); pass per_example_loss=fn(model, inputs) -> one loss per row of "
         "the batch")
 
 
