@@ -155,21 +155,23 @@ def test_question_answering_loss_is_clipped_exactly():
     assert_exact(_bert(transformers.BertForQuestionAnswering).train(), b, loss)
 
 
-def test_multiple_choice_loss_averages_to_the_models_own_and_is_clipped_exactly():
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_multiple_choice_loss_averages_to_the_models_own_and_is_clipped_exactly(with_positions):
     """[B, choices, T] inputs, which the model flattens to B·choices rows (example-major).
-    Position ids are passed with the batch's shape: BERT's default [1, T] buffer would be
-    expanded to the B examples and fail to broadcast against the B·choices rows (README)."""
+    BERT's default position ids, a [1, T] buffer that every row shares, are expanded to
+    those B·choices rows, not to the B examples (torch's broadcasting error before)."""
     from hf_zoo import assert_exact
     model = _bert(transformers.BertForMultipleChoice, num_labels=1)  # num_labels plays no part
     assert per_example_loss_for(model) is losses.per_example_multiple_choice_loss
     ids = torch.randint(3, V, (3, 4, 5), generator=torch.Generator().manual_seed(1))
-    labels, positions = torch.tensor([0, 3, 1]), torch.arange(5).expand(3, 4, 5)
+    labels = torch.tensor([0, 3, 1])
     inputs = {"input_ids": ids, "labels": labels}
     assert torch.allclose(losses.per_example_multiple_choice_loss(model, inputs).mean().double(),
                           model(**inputs).loss.double(), rtol=1e-6)
 
     def loss(m, b):
+        extra = {"position_ids": torch.arange(5).expand(b[0].shape)} if with_positions else {}
         return losses.per_example_multiple_choice_loss(
-            m, {"input_ids": b[0], "labels": b[1], "position_ids": b[2]})
+            m, {"input_ids": b[0], "labels": b[1], **extra})
 
-    assert_exact(model.train(), (ids, labels, positions), loss)
+    assert_exact(model.train(), (ids, labels), loss)

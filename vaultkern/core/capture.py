@@ -151,6 +151,8 @@ class Capture:
         self.buffers: Dict[int, torch.Tensor] = {}
         self.stand_ins: Dict[int, torch.Tensor] = {}  # FSDP2: what a module may hold instead
         self.site_stack: List[Any] = []
+        # rows of this forward's first token-id lookup, when they are k·B (embedding_rules)
+        self.id_rows: Optional[int] = None
 
     # -- tracking -----------------------------------------------------------------------------
     def track_parameters(self, named_params: Sequence[Tuple[str, torch.Tensor]], buffers) -> None:
@@ -168,6 +170,7 @@ class Capture:
 
     def forget_derived(self) -> None:
         """Derived values live for one outermost forward; parameters stay."""
+        self.id_rows = None
         if len(self.tracked) != len(self.params):
             self.tracked = {k: v for k, v in self.tracked.items() if k in self.params}
 
