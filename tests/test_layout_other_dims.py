@@ -156,3 +156,25 @@ def test_copies_moved_to_dim_1_are_refused_outside_attention():
     with pytest.raises(vk.BatchLayoutError, match="moved to dim 1"):
         sum_loss(model, (torch.randn(3, 2, D, dtype=torch.float64),)).sum().backward()
     assert model.query.grad is None
+
+
+class _PositionsAfterFlatIds(nn.Module):
+    """Token ids looked up one per row ([B·T, 1], then viewed back to [B, T, d]) before a
+    shared [1, T] position lookup: the positions expand to the B examples, as they meet [B, T, d]
+    (only ids with the same trailing shape, multiple choice's [B·choices, T], make them
+    expand to more rows)."""
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, D), nn.Embedding(6, D), nn.Linear(D, D)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        h = self.tok(ids.reshape(-1, 1)).view(B, T, D) + self.pos(torch.arange(T).unsqueeze(0))
+        return self.head(torch.tanh(h))
+
+
+def test_shared_positions_after_flat_token_ids_are_exact():
+    torch.manual_seed(0)
+    model = _PositionsAfterFlatIds().double()
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    assert_sum_loss_exact(model, ids)

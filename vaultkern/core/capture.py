@@ -151,8 +151,8 @@ class Capture:
         self.buffers: Dict[int, torch.Tensor] = {}
         self.stand_ins: Dict[int, torch.Tensor] = {}  # FSDP2: what a module may hold instead
         self.site_stack: List[Any] = []
-        # rows of this forward's first token-id lookup, when they are k·B (embedding_rules)
-        self.id_rows: Optional[int] = None
+        # (rows, other dims) of this forward's first token-id lookup (embedding_rules)
+        self.id_rows: Optional[Tuple[int, torch.Size]] = None
 
     # -- tracking -----------------------------------------------------------------------------
     def track_parameters(self, named_params: Sequence[Tuple[str, torch.Tensor]], buffers) -> None:
