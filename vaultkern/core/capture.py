@@ -151,8 +151,9 @@ class Capture:
         self.buffers: Dict[int, torch.Tensor] = {}
         self.stand_ins: Dict[int, torch.Tensor] = {}  # FSDP2: what a module may hold instead
         self.site_stack: List[Any] = []
-        # (rows, other dims) of this forward's first token-id lookup (embedding_rules)
-        self.id_rows: Optional[Tuple[int, torch.Size]] = None
+        # the shape of this forward's first batched token-id lookup (embedding_rules); kept
+        # through the backward, whose checkpointed recomputes must expand shared ids alike
+        self.first_ids_shape: Optional[torch.Size] = None
 
     # -- tracking -----------------------------------------------------------------------------
     def track_parameters(self, named_params: Sequence[Tuple[str, torch.Tensor]], buffers) -> None:
@@ -170,7 +171,6 @@ class Capture:
 
     def forget_derived(self) -> None:
         """Derived values live for one outermost forward; parameters stay."""
-        self.id_rows = None
         if len(self.tracked) != len(self.params):
             self.tracked = {k: v for k, v in self.tracked.items() if k in self.params}
 

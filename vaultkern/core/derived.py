@@ -142,8 +142,8 @@ def derive(cap, func, leaves, entries, spec):
         rows, recompute = None, _transposed_copies(used[0], cap.batch)
     else:
         recompute = replay
-        rows, whole = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
-        if whole:  # one example's rows of the call on every example's copies
+        rows, from_all = _rows_per_example(cap, func, leaves, used, out, recompute, roots)
+        if from_all:  # one example's rows of the call on every example's copies
             def recompute(*root_values, _replay=replay, _rows=rows, _copies=cap.batch):
                 return _replay(*root_values, _copies=_copies)[:_rows]
     if rows is not None and not any(e.rows is not None for e in used):
@@ -179,10 +179,10 @@ def _transposed_copies(entry: Tracked, batch: int) -> Callable[..., torch.Tensor
 
 def _rows_per_example(cap, func, leaves, used, out, recompute, roots
                       ) -> Tuple[Optional[int], bool]:
-    """(rows per example, whole): rows if ``out`` holds one copy of a derived value per
+    """(rows per example, from_all): rows if ``out`` holds one copy of a derived value per
     example (a CLS token ``cls.expand(B, -1, -1)``, DeBERTa-v2's position keys
     ``repeat(B, 1, 1)``, or a value computed from such copies), else None (a value shared
-    by the whole batch); whole: one example's copy must be cut from the call on all of
+    by the whole batch); from_all: one example's copy must be cut from the call on all of
     them."""
     B, name = cap.batch, getattr(func, "__name__", repr(func))
     if any(e.rows is not None for e in used):
@@ -190,14 +190,15 @@ def _rows_per_example(cap, func, leaves, used, out, recompute, roots
             rows, values = out.shape[0] // B, [r.detach() for r in roots]
             # what every example sees: the call on one copy, or, where its sizes name the
             # batch (PEFT Cartridge's .view(B, ...)), one example's rows of it on all copies
-            for whole in (False, True):
+            for from_all in (False, True):
                 try:
-                    one = recompute(*values, _copies=B)[:rows] if whole else recompute(*values)
+                    one = (recompute(*values, _copies=B)[:rows] if from_all
+                           else recompute(*values))
                 except RuntimeError:
                     continue
                 if one.shape == (rows,) + out.shape[1:] and torch.equal(
                         one.repeat(B, *[1] * (out.dim() - 1)), out):
-                    return rows, whole
+                    return rows, from_all
         raise BatchLayoutError(
             f"vaultkern: {name} in {cap.site().describe()} mixes the copies of a parameter "
             f"repeated to the {B} examples across examples (e.g. a sum over dim 0); "

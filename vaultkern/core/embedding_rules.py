@@ -50,13 +50,13 @@ def embedding(cap, func, args, kwargs):
         return cap.derive(func, leaves, [cap.lookup(x) for x in leaves], spec)  # a value
     if ids.dim() == 0 or not cap.is_batched(ids):  # of the table alone. Ids shared by every
         ids = ids.reshape(1, *ids.shape)           # example (positions arange(T)): one row
-    B, first = cap.batch, cap.id_rows
-    if ids.shape[0] == 1 and first is not None and first[0] != B and first[1] == ids.shape[1:]:
+    B, first = cap.batch, cap.first_ids_shape
+    if ids.shape[0] == 1 and first is not None and first[0] != B and first[1:] == ids.shape[1:]:
         # shared ids (a [1, T] position buffer) after token ids flattened k rows per example
         # (multiple choice's [B·choices, T]): one copy per row, so that they add to those rows
-        ids = ids.expand(first[0], *ids.shape[1:])
+        ids = ids.expand(first)
     elif first is None and B and ids.shape[0] % B == 0:
-        cap.id_rows = (ids.shape[0], ids.shape[1:])
+        cap.first_ids_shape = ids.shape
     ids_b = cap.rows_for_batch(ids, "the token ids of an embedding")
     a["input"], a["weight"] = ids_b, e.value.detach()
     out = func(**a)

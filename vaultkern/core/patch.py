@@ -220,6 +220,8 @@ class _PatchState:
         self.layout_checked = False  # the new readers' layout is checked too
 
     def start_forward(self, args, kwargs) -> None:
+        if self._runtime is not None:
+            self._runtime[0].first_ids_shape = None
         bk = self.bookkeeper
         if bk._callback_queued or bk._uses:
             bk.reset()  # left over from a backward pass that failed part-way

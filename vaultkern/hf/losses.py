@@ -121,8 +121,8 @@ def per_example_loss_for(model) -> PerExampleLoss:
     raise ValueError(
         f"vaultkern: DPTrainer has no per-example loss for {' / '.join(names)} (it knows causal "
         "language models, encoder-decoder models, token and sequence classification, multiple "
-        "choice, extractive question answering); pass per_example_loss=fn(model, inputs) -> one loss per row of "
-        "the batch")
+        "choice, extractive question answering); pass per_example_loss=fn(model, inputs) -> "
+        "one loss per row of the batch")
 
 
 def _chain(model) -> list:
